@@ -1,0 +1,3 @@
+//! Examples of embedding lvllm through its public APIs only.
+//!
+//! Run one with `cargo run -p lvllm-examples --example generate`.

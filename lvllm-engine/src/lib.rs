@@ -1,0 +1,1 @@
+//! lvllm-engine (being built).

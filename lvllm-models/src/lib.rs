@@ -1,0 +1,1 @@
+//! lvllm-models (being built).

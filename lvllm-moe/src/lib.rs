@@ -1,0 +1,1 @@
+//! lvllm-moe (being built).

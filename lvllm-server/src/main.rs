@@ -1,0 +1,2 @@
+//! The lvllm binary.
+fn main() {}

@@ -1,0 +1,1 @@
+//! lvllm-tensor (being built).
