@@ -1,0 +1,1 @@
+//! lvllm-kernels-cpu (being built).
