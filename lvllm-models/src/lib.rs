@@ -1,1 +1,108 @@
-//! lvllm-models (being built).
+//! Checkpoint loading, layers and model architectures of lvllm.
+//!
+//! - [`config`]: typed `config.json` ([`ModelConfig`]), lenient like Hugging Face.
+//! - [`safetensors`]: mmap'd safetensors, single or sharded ([`WeightSource`]).
+//! - [`cache`]: the per-layer cache and the per-sequence handle the model sees.
+//! - [`layers`], [`rope`]: building blocks.
+//! - One module per architecture ([`qwen3_moe`]).
+//!
+//! A model sees token ids, positions and per-sequence cache handles
+//! ([`ForwardBatch`]); it knows nothing about scheduling, sampling or HTTP.
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod cache;
+pub mod config;
+mod error;
+pub mod layers;
+pub mod qwen3_moe;
+pub mod rope;
+pub mod safetensors;
+
+use std::path::Path;
+
+pub use cache::{CacheConfig, ForwardBatch, LayerCacheSpec, Logits, LogitsSelection, ModelCache, SeqSpan};
+pub use config::ModelConfig;
+pub use error::{Error, Result};
+pub use safetensors::{SafetensorsFile, WeightSource};
+
+/// A loaded model of any supported architecture.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Model {
+    /// Qwen3-MoE.
+    Qwen3Moe(qwen3_moe::Qwen3Moe),
+}
+
+impl Model {
+    /// Builds the model `config` describes from the tensors of `src`.
+    pub fn load(config: &ModelConfig, src: &WeightSource) -> Result<Self> {
+        match config {
+            ModelConfig::Qwen3Moe(c) => Ok(Model::Qwen3Moe(qwen3_moe::Qwen3Moe::load(c, src)?)),
+        }
+    }
+
+    /// Loads `config.json` and the safetensors of a Hugging Face model directory.
+    pub fn load_dir(dir: &Path) -> Result<(ModelConfig, Self)> {
+        let path = dir.join("config.json");
+        let bytes = std::fs::read(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
+        let config = ModelConfig::from_json(&bytes, &path.display().to_string())?;
+        let src = WeightSource::from_dir(dir)?;
+        let model = Self::load(&config, &src)?;
+        Ok((config, model))
+    }
+
+    /// What each layer caches.
+    pub fn cache_spec(&self) -> Vec<LayerCacheSpec> {
+        match self {
+            Model::Qwen3Moe(m) => m.cache_spec(),
+        }
+    }
+
+    /// Runs a batch, writing its keys/values into `cache`; returns the selected logits.
+    pub fn forward(&self, batch: &ForwardBatch<'_>, cache: &mut ModelCache) -> Result<Logits> {
+        match self {
+            Model::Qwen3Moe(m) => m.forward(batch, cache),
+        }
+    }
+}
+
+/// Checks a batch against itself and the cache before any layer runs.
+fn validate_batch(batch: &ForwardBatch<'_>, cache: &ModelCache, max_positions: usize) -> Result<()> {
+    let n = batch.tokens.len();
+    if n == 0 {
+        return Err(Error::Input("empty batch".into()));
+    }
+    if batch.positions.len() != n {
+        return Err(Error::Input(format!("{n} tokens but {} positions", batch.positions.len())));
+    }
+    let total: usize = batch.seqs.iter().map(|s| s.len).sum();
+    if total != n {
+        return Err(Error::Input(format!("sequences cover {total} tokens, the batch has {n}")));
+    }
+    let cfg = cache.config();
+    let mut start = 0;
+    for (i, s) in batch.seqs.iter().enumerate() {
+        if s.len == 0 {
+            return Err(Error::Input(format!("sequence {i} has no tokens")));
+        }
+        let pos = &batch.positions[start..start + s.len];
+        if pos.windows(2).any(|w| w[1] != w[0] + 1) {
+            return Err(Error::Input(format!("sequence {i}: positions are not consecutive")));
+        }
+        let last = pos[pos.len() - 1];
+        if last >= max_positions {
+            return Err(Error::Input(format!("sequence {i}: position {last} is beyond the model's {max_positions} positions")));
+        }
+        if last / cfg.block_size >= s.block_table.len() {
+            return Err(Error::Input(format!(
+                "sequence {i}: block table of {} blocks does not cover position {last}",
+                s.block_table.len()
+            )));
+        }
+        if let Some(&b) = s.block_table.iter().find(|&&b| b as usize >= cfg.num_blocks) {
+            return Err(Error::Input(format!("sequence {i}: block {b} is outside the cache's {} blocks", cfg.num_blocks)));
+        }
+        start += s.len;
+    }
+    Ok(())
+}
