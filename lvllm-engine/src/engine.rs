@@ -1,0 +1,637 @@
+//! [`EngineBuilder`] and [`Engine`]: load a model, then generate, blocking or
+//! streaming.
+//!
+//! Requests run one at a time on the calling thread for now (the engine is
+//! `Send + Sync`; a request holds the model while it runs). Continuous batching,
+//! the scheduler and the async API come with the serving issue and keep this
+//! surface.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use lvllm_models::{
+    CacheConfig, ForwardBatch, Logits, LogitsSelection, Model, ModelCache, ModelConfig, SafetensorsFile, SeqSpan,
+    WeightSource,
+};
+pub use lvllm_tensor::Device;
+
+use crate::chat_template::ChatTemplateOptions;
+use crate::kv::BlockAllocator;
+use crate::sampling::{self, Rng, SamplingParams, TokenLogprobs};
+use crate::tokenizer::{IncrementalDecoder, Tokenizer};
+use crate::{Error, Result};
+
+/// Tokens per KV block.
+pub const DEFAULT_BLOCK_SIZE: usize = 16;
+
+/// KV cache budget when none is given: enough for one sequence of
+/// `max_model_len`, capped here so a large model's 40K context does not claim
+/// gigabytes by default. `max_model_len` shrinks to what fits.
+pub const DEFAULT_KV_CACHE_BYTES: usize = 2 << 30;
+
+/// A model held in memory (e.g. embedded in a binary with `include_bytes!`).
+#[derive(Debug, Clone, Copy)]
+pub struct EmbeddedModel {
+    /// A name for messages.
+    pub name: &'static str,
+    /// `config.json`.
+    pub config_json: &'static [u8],
+    /// `model.safetensors`.
+    pub safetensors: &'static [u8],
+    /// `tokenizer.json`.
+    pub tokenizer_json: Option<&'static [u8]>,
+    /// `tokenizer_config.json`.
+    pub tokenizer_config_json: Option<&'static [u8]>,
+    /// `generation_config.json`.
+    pub generation_config_json: Option<&'static [u8]>,
+}
+
+/// Where the model comes from.
+#[derive(Debug, Clone)]
+pub enum ModelSource {
+    /// A Hugging Face model directory (`config.json`, safetensors, tokenizer files).
+    Dir(PathBuf),
+    /// A model in memory.
+    Embedded(EmbeddedModel),
+}
+
+/// Configures and builds an [`Engine`].
+#[derive(Debug, Clone, Default)]
+pub struct EngineBuilder {
+    source: Option<ModelSource>,
+    device: Device,
+    max_model_len: Option<usize>,
+    kv_cache_bytes: Option<usize>,
+    block_size: Option<usize>,
+}
+
+impl EngineBuilder {
+    /// Loads the model in a Hugging Face directory.
+    pub fn model(mut self, dir: impl AsRef<Path>) -> Self {
+        self.source = Some(ModelSource::Dir(dir.as_ref().to_path_buf()));
+        self
+    }
+
+    /// Loads a model held in memory.
+    pub fn embedded(mut self, model: EmbeddedModel) -> Self {
+        self.source = Some(ModelSource::Embedded(model));
+        self
+    }
+
+    /// Where to run (default: CPU).
+    pub fn device(mut self, device: Device) -> Self {
+        self.device = device;
+        self
+    }
+
+    /// Context limit, prompt plus output (default: the model's
+    /// `max_position_embeddings`, lowered to what the KV budget holds).
+    pub fn max_model_len(mut self, n: usize) -> Self {
+        self.max_model_len = Some(n);
+        self
+    }
+
+    /// Bytes for the KV cache (default [`DEFAULT_KV_CACHE_BYTES`] at most).
+    pub fn kv_cache_bytes(mut self, bytes: usize) -> Self {
+        self.kv_cache_bytes = Some(bytes);
+        self
+    }
+
+    /// Tokens per KV block (default [`DEFAULT_BLOCK_SIZE`]).
+    pub fn block_size(mut self, n: usize) -> Self {
+        self.block_size = Some(n);
+        self
+    }
+
+    /// Loads the model and tokenizer and sizes the KV cache.
+    pub fn build(self) -> Result<Engine> {
+        match self.device {
+            Device::Cpu => {}
+            device @ Device::Cuda(_) => {
+                return Err(Error::Device {
+                    device,
+                    msg: "the CUDA backend is not built yet; use the CPU device".into(),
+                })
+            }
+        }
+        let source = self.source.ok_or_else(|| Error::Config("no model given: call .model(dir) or .embedded(..)".into()))?;
+        let (config, weights, tokenizer, name) = match &source {
+            ModelSource::Dir(dir) => {
+                let path = dir.join("config.json");
+                let bytes = std::fs::read(&path)
+                    .map_err(|source| Error::ModelLoad(lvllm_models::Error::Io { path: path.clone(), source }))?;
+                let config = ModelConfig::from_json(&bytes, &path.display().to_string()).map_err(Error::ModelLoad)?;
+                let weights = WeightSource::from_dir(dir).map_err(Error::ModelLoad)?;
+                (config, weights, Tokenizer::from_dir(dir)?, dir.display().to_string())
+            }
+            ModelSource::Embedded(m) => {
+                let config = ModelConfig::from_json(m.config_json, &format!("{}/config.json", m.name)).map_err(Error::ModelLoad)?;
+                let file = SafetensorsFile::from_static(format!("{}/model.safetensors", m.name), m.safetensors)
+                    .map_err(Error::ModelLoad)?;
+                let tokenizer = match m.tokenizer_json {
+                    Some(t) => Some(Tokenizer::from_bytes(t, m.tokenizer_config_json, m.generation_config_json, None)?),
+                    None => None,
+                };
+                (config, WeightSource::from_files(vec![file]), tokenizer, m.name.to_string())
+            }
+        };
+        let model = Model::load(&config, &weights).map_err(Error::ModelLoad)?;
+
+        let block_size = self.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
+        if block_size == 0 {
+            return Err(Error::Config("block_size must be at least 1".into()));
+        }
+        let model_max = config.max_position_embeddings();
+        if let Some(n) = self.max_model_len {
+            if n == 0 || n > model_max {
+                return Err(Error::Config(format!(
+                    "max_model_len {n} must be between 1 and the model's max_position_embeddings {model_max}"
+                )));
+            }
+        }
+        let bytes_per_block: usize = model.cache_spec().iter().map(|s| s.bytes_per_block(block_size)).sum();
+        let wanted_len = self.max_model_len.unwrap_or(model_max);
+        let budget = self.kv_cache_bytes.unwrap_or(DEFAULT_KV_CACHE_BYTES);
+        let fit_blocks = budget / bytes_per_block.max(1);
+        let num_blocks = wanted_len.div_ceil(block_size).min(fit_blocks);
+        let max_model_len = match self.max_model_len {
+            Some(n) if n > num_blocks * block_size => {
+                return Err(Error::Config(format!(
+                    "max_model_len {n} needs {} KV blocks of {bytes_per_block} bytes but the KV cache budget of {budget} bytes holds {num_blocks}: lower max_model_len or raise the KV cache size",
+                    n.div_ceil(block_size)
+                )))
+            }
+            Some(n) => n,
+            None => wanted_len.min(num_blocks * block_size),
+        };
+        if max_model_len == 0 {
+            return Err(Error::Config(format!(
+                "the KV cache budget of {budget} bytes holds no block of {bytes_per_block} bytes"
+            )));
+        }
+        let cache = ModelCache::new(&model.cache_spec(), CacheConfig { block_size, num_blocks });
+        let mut eos: Vec<u32> = config.eos_token_ids().to_vec();
+        if let Some(t) = &tokenizer {
+            eos.extend_from_slice(t.eos_token_ids());
+        }
+        eos.sort_unstable();
+        eos.dedup();
+        Ok(Engine {
+            name,
+            config,
+            tokenizer,
+            eos_token_ids: eos,
+            max_model_len,
+            runner: Mutex::new(Runner { model, cache, blocks: BlockAllocator::new(num_blocks) }),
+        })
+    }
+}
+
+struct Runner {
+    model: Model,
+    cache: ModelCache,
+    blocks: BlockAllocator,
+}
+
+/// A prompt: text, token ids, or chat messages for the chat template.
+#[derive(Debug, Clone)]
+pub enum Prompt {
+    /// Raw text, tokenized with the tokenizer's special-token settings.
+    Text(String),
+    /// Token ids, used as they are.
+    Tokens(Vec<u32>),
+    /// OpenAI-style chat messages rendered by the chat template.
+    Chat(ChatPrompt),
+}
+
+/// Chat messages and the template's options.
+#[derive(Debug, Clone)]
+pub struct ChatPrompt {
+    /// JSON array of messages (`role`, `content`, ...).
+    pub messages: serde_json::Value,
+    /// OpenAI `tools`.
+    pub tools: Option<serde_json::Value>,
+    /// Extra template variables (`chat_template_kwargs`, e.g. `enable_thinking`).
+    pub template_kwargs: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Prompt {
+    /// A chat prompt with default template options.
+    pub fn chat(messages: serde_json::Value) -> Self {
+        Prompt::Chat(ChatPrompt { messages, tools: None, template_kwargs: Default::default() })
+    }
+}
+
+impl From<&str> for Prompt {
+    fn from(s: &str) -> Self {
+        Prompt::Text(s.to_string())
+    }
+}
+impl From<String> for Prompt {
+    fn from(s: String) -> Self {
+        Prompt::Text(s)
+    }
+}
+impl From<Vec<u32>> for Prompt {
+    fn from(v: Vec<u32>) -> Self {
+        Prompt::Tokens(v)
+    }
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// An end-of-sequence token, a stop token id or a stop string.
+    Stop,
+    /// `max_tokens` or the context limit.
+    Length,
+}
+
+/// New output of one streaming step.
+#[derive(Debug, Clone)]
+pub struct StreamDelta {
+    /// The token generated in this step.
+    pub token_id: u32,
+    /// Text that became final in this step (may be empty).
+    pub text: String,
+    /// Logprobs of the token, when asked for.
+    pub logprobs: Option<TokenLogprobs>,
+    /// Set on the last delta.
+    pub finish_reason: Option<FinishReason>,
+}
+
+/// Timing of a finished request.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct GenerationStats {
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Generated tokens.
+    pub generated_tokens: usize,
+    /// Time of the prompt's forward pass.
+    pub prefill_secs: f64,
+    /// Time of the decode steps (every generated token after the first).
+    pub decode_secs: f64,
+}
+
+impl GenerationStats {
+    /// Decode tokens per second (tokens after the first ÷ decode time).
+    pub fn decode_tokens_per_sec(&self) -> Option<f64> {
+        let n = self.generated_tokens.saturating_sub(1);
+        (n > 0 && self.decode_secs > 0.0).then(|| n as f64 / self.decode_secs)
+    }
+}
+
+/// A finished request.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// The prompt as token ids.
+    pub prompt_token_ids: Vec<u32>,
+    /// Generated ids (including a final stop/eos token).
+    pub token_ids: Vec<u32>,
+    /// Generated text (`None` without a tokenizer).
+    pub text: Option<String>,
+    /// Per generated token, when asked for.
+    pub logprobs: Option<Vec<TokenLogprobs>>,
+    /// Per prompt token (the first is `None`), when asked for.
+    pub prompt_logprobs: Option<Vec<Option<TokenLogprobs>>>,
+    /// Why it ended.
+    pub finish_reason: FinishReason,
+    /// Timing.
+    pub stats: GenerationStats,
+}
+
+/// A loaded model ready to generate. `Send + Sync`.
+pub struct Engine {
+    name: String,
+    config: ModelConfig,
+    tokenizer: Option<Tokenizer>,
+    eos_token_ids: Vec<u32>,
+    max_model_len: usize,
+    runner: Mutex<Runner>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("model", &self.name).field("max_model_len", &self.max_model_len).finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// Starts configuring an engine.
+    pub fn builder() -> EngineBuilder {
+        EngineBuilder::default()
+    }
+
+    /// The model's name (its directory or embedded name).
+    pub fn model_name(&self) -> &str {
+        &self.name
+    }
+
+    /// The model's config.
+    pub fn model_config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The tokenizer, if the model has one.
+    pub fn tokenizer(&self) -> Option<&Tokenizer> {
+        self.tokenizer.as_ref()
+    }
+
+    /// The context limit (prompt + output tokens).
+    pub fn max_model_len(&self) -> usize {
+        self.max_model_len
+    }
+
+    /// End-of-sequence ids (config and tokenizer).
+    pub fn eos_token_ids(&self) -> &[u32] {
+        &self.eos_token_ids
+    }
+
+    /// Turns a prompt into token ids.
+    pub fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>> {
+        let need_tok = || {
+            self.tokenizer.as_ref().ok_or_else(|| {
+                Error::InvalidRequest(format!("model {} has no tokenizer.json: give the prompt as token ids", self.name))
+            })
+        };
+        Ok(match prompt {
+            Prompt::Tokens(ids) => ids.clone(),
+            Prompt::Text(s) => need_tok()?.encode(s, true)?,
+            Prompt::Chat(c) => {
+                let tok = need_tok()?;
+                let tmpl = tok.chat_template().ok_or_else(|| {
+                    Error::InvalidRequest(format!("model {} has no chat template", self.name))
+                })?;
+                let opts = ChatTemplateOptions {
+                    add_generation_prompt: true,
+                    tools: c.tools.as_ref(),
+                    extra: c.template_kwargs.clone(),
+                };
+                let text = tmpl.apply(&c.messages, &opts)?;
+                tok.encode(&text, false)?
+            }
+        })
+    }
+
+    /// Generates to the end and returns everything at once.
+    pub fn generate(&self, prompt: impl Into<Prompt>, params: &SamplingParams) -> Result<Generation> {
+        let mut s = self.stream(prompt, params)?;
+        let mut token_ids = Vec::new();
+        let mut text = String::new();
+        let mut logprobs = params.logprobs.map(|_| Vec::new());
+        let mut finish = FinishReason::Length;
+        for d in s.by_ref() {
+            let d = d?;
+            token_ids.push(d.token_id);
+            text.push_str(&d.text);
+            if let (Some(v), Some(l)) = (logprobs.as_mut(), d.logprobs) {
+                v.push(l);
+            }
+            if let Some(f) = d.finish_reason {
+                finish = f;
+            }
+        }
+        Ok(Generation {
+            prompt_token_ids: s.prompt_token_ids.clone(),
+            token_ids,
+            text: self.tokenizer.is_some().then_some(text),
+            logprobs,
+            prompt_logprobs: s.prompt_logprobs.take(),
+            finish_reason: finish,
+            stats: s.stats,
+        })
+    }
+
+    /// Starts a request and returns an iterator over its tokens. The prompt is
+    /// processed here, so prompt errors surface at once; each `next()` yields one
+    /// token. The request holds the model until the stream is dropped.
+    pub fn stream(&self, prompt: impl Into<Prompt>, params: &SamplingParams) -> Result<GenerationStream<'_>> {
+        params.validate()?;
+        let prompt = prompt.into();
+        let ids = self.tokenize(&prompt)?;
+        if ids.is_empty() {
+            return Err(Error::InvalidRequest("the prompt is empty".into()));
+        }
+        let vocab = self.config.vocab_size();
+        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::InvalidRequest(format!("prompt token id {bad} is outside the vocabulary of {vocab}")));
+        }
+        if ids.len() >= self.max_model_len {
+            return Err(Error::PromptTooLong { prompt_tokens: ids.len(), max_model_len: self.max_model_len });
+        }
+        let mut runner = self.runner.lock().unwrap_or_else(|e| e.into_inner());
+        let max_new = params.max_tokens.min(self.max_model_len - ids.len());
+        let block_size = runner.cache.config().block_size;
+        // The last generated token is never fed back, so the cache holds at most
+        // prompt + max_new - 1 positions.
+        let need = (ids.len() + max_new - 1).div_ceil(block_size);
+        let blocks = runner.blocks.allocate(need).ok_or_else(|| {
+            Error::InvalidRequest(format!(
+                "the KV cache has {} free blocks, this request needs {need}",
+                runner.blocks.num_free()
+            ))
+        })?;
+        let mut stream = GenerationStream {
+            engine: self,
+            runner,
+            blocks,
+            params: params.clone(),
+            rng: params.seed.map(Rng::new).unwrap_or_else(Rng::from_entropy),
+            decoder: self.tokenizer.as_ref().map(|t| t.incremental_decoder(params.skip_special_tokens)),
+            prompt_token_ids: ids,
+            prompt_logprobs: None,
+            generated: 0,
+            max_new,
+            logits: Vec::new(),
+            pending_text: String::new(),
+            unfed: None,
+            done: false,
+            stats: GenerationStats::default(),
+        };
+        stream.prefill()?;
+        Ok(stream)
+    }
+}
+
+/// An active request; iterate it for [`StreamDelta`]s.
+pub struct GenerationStream<'a> {
+    engine: &'a Engine,
+    runner: MutexGuard<'a, Runner>,
+    blocks: Vec<u32>,
+    params: SamplingParams,
+    rng: Rng,
+    decoder: Option<IncrementalDecoder<'a>>,
+    prompt_token_ids: Vec<u32>,
+    prompt_logprobs: Option<Vec<Option<TokenLogprobs>>>,
+    generated: usize,
+    max_new: usize,
+    /// Logits of the next position.
+    logits: Vec<f32>,
+    /// Decoded text held back because it may be the start of a stop string.
+    pending_text: String,
+    /// The last sampled token, not yet fed through the model.
+    unfed: Option<u32>,
+    done: bool,
+    stats: GenerationStats,
+}
+
+impl std::fmt::Debug for GenerationStream<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GenerationStream").field("generated", &self.generated).field("done", &self.done).finish_non_exhaustive()
+    }
+}
+
+impl GenerationStream<'_> {
+    /// The prompt as token ids.
+    pub fn prompt_token_ids(&self) -> &[u32] {
+        &self.prompt_token_ids
+    }
+
+    /// Prompt logprobs, when asked for (the first position has none).
+    pub fn prompt_logprobs(&self) -> Option<&[Option<TokenLogprobs>]> {
+        self.prompt_logprobs.as_deref()
+    }
+
+    /// Timing so far.
+    pub fn stats(&self) -> GenerationStats {
+        self.stats
+    }
+
+    fn run(&mut self, tokens: &[u32], first_pos: usize, logits: LogitsSelection) -> Result<Logits> {
+        let positions: Vec<usize> = (first_pos..first_pos + tokens.len()).collect();
+        let seqs = [SeqSpan { len: tokens.len(), block_table: &self.blocks, state_slot: None }];
+        let batch = ForwardBatch { tokens, positions: &positions, seqs: &seqs, logits };
+        let Runner { model, cache, .. } = &mut *self.runner;
+        model.forward(&batch, cache).map_err(Error::Inference)
+    }
+
+    fn prefill(&mut self) -> Result<()> {
+        let t0 = Instant::now();
+        let ids = std::mem::take(&mut self.prompt_token_ids);
+        let sel = if self.params.prompt_logprobs.is_some() { LogitsSelection::All } else { LogitsSelection::LastPerSeq };
+        let out = self.run(&ids, 0, sel);
+        self.prompt_token_ids = ids;
+        let out = out?;
+        if let Some(k) = self.params.prompt_logprobs {
+            let mut v = vec![None];
+            for i in 1..self.prompt_token_ids.len() {
+                v.push(Some(sampling::logprobs_of(out.row(i - 1), self.prompt_token_ids[i], k)));
+            }
+            self.prompt_logprobs = Some(v);
+        }
+        self.logits = out.row(out.rows.len() - 1).to_vec();
+        self.stats.prompt_tokens = self.prompt_token_ids.len();
+        self.stats.prefill_secs = t0.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    fn step(&mut self) -> Result<StreamDelta> {
+        if let Some(tok) = self.unfed.take() {
+            let t0 = Instant::now();
+            let pos = self.prompt_token_ids.len() + self.generated - 1;
+            let out = self.run(&[tok], pos, LogitsSelection::LastPerSeq)?;
+            self.logits = out.data;
+            self.stats.decode_secs += t0.elapsed().as_secs_f64();
+        }
+        let token = sampling::sample(&self.logits, &self.params, &mut self.rng);
+        let logprobs = self.params.logprobs.map(|k| sampling::logprobs_of(&self.logits, token, k));
+        self.generated += 1;
+        self.stats.generated_tokens = self.generated;
+
+        let mut finish = None;
+        let is_eos = !self.params.ignore_eos && self.engine.eos_token_ids.contains(&token);
+        if is_eos || self.params.stop_token_ids.contains(&token) {
+            finish = Some(FinishReason::Stop);
+        }
+        let mut text = String::new();
+        if let Some(dec) = self.decoder.as_mut() {
+            self.pending_text.push_str(&dec.push(token)?);
+            if finish.is_some() || self.generated == self.max_new {
+                self.pending_text.push_str(&dec.finish()?);
+            }
+            if let Some(cut) = self.params.stop.iter().filter_map(|s| self.pending_text.find(s.as_str())).min() {
+                self.pending_text.truncate(cut);
+                finish = Some(FinishReason::Stop);
+            }
+        }
+        if finish.is_none() && self.generated >= self.max_new {
+            finish = Some(FinishReason::Length);
+        }
+        // Emit all text that can no longer become part of a stop string.
+        let keep = if finish.is_some() { 0 } else { stop_prefix_len(&self.pending_text, &self.params.stop) };
+        let emit = self.pending_text.len() - keep;
+        text.push_str(&self.pending_text[..emit]);
+        self.pending_text.drain(..emit);
+        if finish.is_some() {
+            self.done = true;
+        } else {
+            self.unfed = Some(token);
+        }
+        Ok(StreamDelta { token_id: token, text, logprobs, finish_reason: finish })
+    }
+}
+
+/// Length of the longest suffix of `text` that is a proper prefix of a stop string.
+fn stop_prefix_len(text: &str, stops: &[String]) -> usize {
+    let mut best = 0;
+    for s in stops {
+        for (i, _) in s.char_indices().skip(1) {
+            if i > best && text.ends_with(&s[..i]) {
+                best = i;
+            }
+        }
+    }
+    best
+}
+
+impl Iterator for GenerationStream<'_> {
+    type Item = Result<StreamDelta>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let r = self.step();
+        if r.is_err() {
+            self.done = true;
+        }
+        Some(r)
+    }
+}
+
+impl Drop for GenerationStream<'_> {
+    fn drop(&mut self) {
+        let blocks = std::mem::take(&mut self.blocks);
+        self.runner.blocks.release(&blocks);
+    }
+}
+
+/// Measures wall time of a closure (for examples and the CLI).
+pub fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
+    let t0 = Instant::now();
+    let r = f();
+    (r, t0.elapsed())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_prefix_holds_back_partial_matches() {
+        let stops = vec!["END".to_string(), "\n\n".to_string()];
+        assert_eq!(stop_prefix_len("hello EN", &stops), 2);
+        assert_eq!(stop_prefix_len("hello E", &stops), 1);
+        assert_eq!(stop_prefix_len("hello\n", &stops), 1);
+        assert_eq!(stop_prefix_len("hello", &stops), 0);
+    }
+
+    fn assert_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn engine_is_send_sync() {
+        assert_send_sync::<Engine>();
+    }
+}
