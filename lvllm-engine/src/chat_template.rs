@@ -5,7 +5,7 @@
 //!
 //! * **Environment** ([`ChatTemplate::new`]): the Jinja dialect HF uses:
 //!   `trim_blocks` + `lstrip_blocks`, no trailing newline kept, no auto
-//!   escaping, Python string/dict methods (`.startswith`, `.split`,
+//!   escaping, loop controls, HF's `{% generation %}` block, Python string/dict methods (`.startswith`, `.split`,
 //!   `.items()`, ...) through minijinja-contrib's pycompat callback, and
 //!   HF's globals `raise_exception`, `strftime_now`, `bos_token` and
 //!   `eos_token`, plus HF's `tojson` filter (Python `json.dumps`).
@@ -35,7 +35,7 @@ const TEMPLATE_NAME: &str = "chat_template";
 #[derive(Debug, thiserror::Error)]
 pub enum ChatTemplateError {
     /// The template source does not parse.
-    #[error("chat template does not compile: {source:#}")]
+    #[error("chat template does not compile: {source}")]
     Compile {
         /// The parser's error, with the line it failed on.
         #[source]
@@ -50,7 +50,7 @@ pub enum ChatTemplateError {
     },
     /// Rendering failed for another reason (an undefined attribute, a type
     /// error, an unsupported method).
-    #[error("chat template failed to render: {source:#}")]
+    #[error("chat template failed to render: {source}")]
     Render {
         /// The renderer's error, with the template line it failed on.
         #[source]
@@ -131,7 +131,7 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson_filter);
-        env.add_template_owned(TEMPLATE_NAME, source.to_owned())
+        env.add_template_owned(TEMPLATE_NAME, rewrite_generation_tags(source))
             .map_err(|source| ChatTemplateError::Compile { source })?;
         Ok(Self {
             env,
@@ -261,6 +261,47 @@ fn flatten_text_parts(parts: &[serde_json::Value]) -> Result<String, String> {
     Ok(texts.join("\n"))
 }
 
+/// Replaces HF's `{% generation %}` / `{% endgeneration %}` block (which
+/// marks assistant tokens for training masks and otherwise renders its body)
+/// with `{% if true %}` / `{% endif %}`, keeping the whitespace-control
+/// markers so `trim_blocks`/`lstrip_blocks` act exactly as on the original.
+fn rewrite_generation_tags(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(start) = rest.find("{%") {
+        let after = &rest[start + 2..];
+        let Some(end) = after.find("%}") else {
+            break;
+        };
+        let inner = &after[..end];
+        let body = inner
+            .trim_start_matches(['-', '+'])
+            .trim_end_matches(['-', '+']);
+        let replacement = match body.trim() {
+            "generation" => Some("if true"),
+            "endgeneration" => Some("endif"),
+            _ => None,
+        };
+        out.push_str(&rest[..start + 2]);
+        match replacement {
+            Some(keyword) => {
+                let lead = &inner[..inner.len() - inner.trim_start_matches(['-', '+']).len()];
+                let trail = &inner[inner.trim_end_matches(['-', '+']).len()..];
+                out.push_str(lead);
+                out.push(' ');
+                out.push_str(keyword);
+                out.push(' ');
+                out.push_str(trail);
+            }
+            None => out.push_str(inner),
+        }
+        out.push_str("%}");
+        rest = &after[end + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Guesses, like vLLM's content-format detection, whether the template loops
 /// over message contents (`{% for part in message.content %}`): then content
 /// part lists reach it unchanged; otherwise they are flattened to strings.
@@ -304,10 +345,13 @@ fn json_to_value(value: &serde_json::Value) -> Value {
             }
         }
         serde_json::Value::String(s) => Value::from(s.as_str()),
-        serde_json::Value::Array(items) => Value::from(items.iter().map(json_to_value).collect::<Vec<_>>()),
-        serde_json::Value::Object(map) => {
-            Value::from_pairs(map.iter().map(|(k, v)| (Value::from(k.as_str()), json_to_value(v))))
+        serde_json::Value::Array(items) => {
+            Value::from(items.iter().map(json_to_value).collect::<Vec<_>>())
         }
+        serde_json::Value::Object(map) => Value::from_pairs(
+            map.iter()
+                .map(|(k, v)| (Value::from(k.as_str()), json_to_value(v))),
+        ),
     }
 }
 
@@ -326,7 +370,8 @@ impl std::error::Error for RaisedException {}
 
 /// HF's `raise_exception(message)` global.
 fn raise_exception(message: String) -> Result<Value, Error> {
-    Err(Error::new(ErrorKind::InvalidOperation, message.clone()).with_source(RaisedException(message)))
+    Err(Error::new(ErrorKind::InvalidOperation, message.clone())
+        .with_source(RaisedException(message)))
 }
 
 fn render_error(err: Error) -> ChatTemplateError {
@@ -351,7 +396,11 @@ fn python_formatter(
 ) -> Result<(), Error> {
     let text = match value.kind() {
         ValueKind::Undefined => return Ok(()),
-        ValueKind::String => return out.write_str(value.as_str().unwrap_or_default()).map_err(fmt_error),
+        ValueKind::String => {
+            return out
+                .write_str(value.as_str().unwrap_or_default())
+                .map_err(fmt_error)
+        }
         ValueKind::None | ValueKind::Bool | ValueKind::Number | ValueKind::Seq | ValueKind::Map => {
             py_repr(value)?
         }
@@ -407,7 +456,11 @@ fn py_repr_into(out: &mut String, value: &Value) -> Result<(), Error> {
 /// Python's `repr(str)`: single quotes unless the text holds a single quote
 /// and no double quote.
 fn py_repr_str(out: &mut String, s: &str) {
-    let quote = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
+    let quote = if s.contains('\'') && !s.contains('"') {
+        '"'
+    } else {
+        '\''
+    };
     out.push(quote);
     for c in s.chars() {
         match c {
@@ -490,6 +543,10 @@ fn py_float_repr(out: &mut String, f: f64) {
     }
 }
 
+/// The largest `tojson(indent=...)` accepted: real templates use 2 or 4, and
+/// a huge indent would only be a way to exhaust memory.
+const MAX_JSON_INDENT: usize = 64;
+
 /// Python `json.dumps` settings that HF's `tojson` exposes.
 struct JsonStyle {
     ensure_ascii: bool,
@@ -507,7 +564,10 @@ fn tojson_filter(
     indent: Option<Value>,
     kwargs: Kwargs,
 ) -> Result<Value, Error> {
-    let ensure_ascii = match kwargs.get::<Option<Value>>("ensure_ascii")?.or(ensure_ascii) {
+    let ensure_ascii = match kwargs
+        .get::<Option<Value>>("ensure_ascii")?
+        .or(ensure_ascii)
+    {
         Some(v) => v.is_true(),
         None => false,
     };
@@ -519,9 +579,19 @@ fn tojson_filter(
             ValueKind::Bool => if v.is_true() { " " } else { "" }.to_owned(),
             _ => {
                 let n = i64::try_from(v.clone()).map_err(|_| {
-                    Error::new(ErrorKind::InvalidOperation, "tojson: indent must be an integer or a string")
+                    Error::new(
+                        ErrorKind::InvalidOperation,
+                        "tojson: indent must be an integer or a string",
+                    )
                 })?;
-                " ".repeat(usize::try_from(n).unwrap_or(0))
+                let n = usize::try_from(n).unwrap_or(0);
+                if n > MAX_JSON_INDENT {
+                    return Err(Error::new(
+                        ErrorKind::InvalidOperation,
+                        format!("tojson: indent {n} is larger than {MAX_JSON_INDENT}"),
+                    ));
+                }
+                " ".repeat(n)
             }
         }),
     };
@@ -571,7 +641,12 @@ fn json_newline(out: &mut String, style: &JsonStyle, level: usize) {
     }
 }
 
-fn json_dump(out: &mut String, value: &Value, style: &JsonStyle, level: usize) -> Result<(), Error> {
+fn json_dump(
+    out: &mut String,
+    value: &Value,
+    style: &JsonStyle,
+    level: usize,
+) -> Result<(), Error> {
     match value.kind() {
         ValueKind::None => out.push_str("null"),
         ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
@@ -861,9 +936,15 @@ mod tests {
         let messages = json!([{"role": "user", "content": "x"}]);
         let t = |src: &str| render(src, messages.clone());
         let src = r#"{{ {"b": [1, 2.5, none, true], "a": "é\"<>&\n\u0001"} | tojson }}"#;
-        assert_eq!(t(src).unwrap(), r#"{"b": [1, 2.5, null, true], "a": "é\"<>&\n\u0001"}"#);
+        assert_eq!(
+            t(src).unwrap(),
+            r#"{"b": [1, 2.5, null, true], "a": "é\"<>&\n\u0001"}"#
+        );
         let src = r#"{{ {"b": [1, {}], "a": []} | tojson(indent=2, sort_keys=true) }}"#;
-        assert_eq!(t(src).unwrap(), "{\n  \"a\": [],\n  \"b\": [\n    1,\n    {}\n  ]\n}");
+        assert_eq!(
+            t(src).unwrap(),
+            "{\n  \"a\": [],\n  \"b\": [\n    1,\n    {}\n  ]\n}"
+        );
         let src = r#"{{ "é😀" | tojson(ensure_ascii=true) }}"#;
         assert_eq!(t(src).unwrap(), r#""\u00e9\ud83d\ude00""#);
         let src = r#"{{ [1, 2] | tojson(separators=(",", ":")) }}"#;
@@ -872,8 +953,11 @@ mod tests {
 
     #[test]
     fn raise_exception_carries_message() {
-        let err = render("{{ raise_exception('roles must alternate') }}", json!([{"role": "user"}]))
-            .unwrap_err();
+        let err = render(
+            "{{ raise_exception('roles must alternate') }}",
+            json!([{"role": "user"}]),
+        )
+        .unwrap_err();
         match err {
             ChatTemplateError::Raised { message } => assert_eq!(message, "roles must alternate"),
             other => panic!("unexpected error {other:?}"),
@@ -910,7 +994,10 @@ mod tests {
     #[test]
     fn pycompat_methods_and_whitespace() {
         let src = "{% for m in messages %}\n  {{ m.content.strip().split(',')[-1].startswith('b') }}\n{% endfor %}\n";
-        assert_eq!(render(src, json!([{"role": "user", "content": " a,b "}])).unwrap(), "  True\n");
+        assert_eq!(
+            render(src, json!([{"role": "user", "content": " a,b "}])).unwrap(),
+            "  True\n"
+        );
     }
 
     #[test]
@@ -938,13 +1025,24 @@ mod tests {
         ]}]);
         let string_src = "{% for m in messages %}{{ m.content }}{% endfor %}";
         assert_eq!(render(string_src, messages.clone()).unwrap(), "a\nb");
-        let parts_src = "{% for m in messages %}{% for p in m.content %}[{{ p.text }}]{% endfor %}{% endfor %}";
+        let parts_src =
+            "{% for m in messages %}{% for p in m.content %}[{{ p.text }}]{% endfor %}{% endfor %}";
         assert_eq!(render(parts_src, messages).unwrap(), "[a][b]");
         let image = json!([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]);
         assert!(matches!(
             render(string_src, image),
             Err(ChatTemplateError::InvalidMessages { .. })
         ));
+    }
+
+    #[test]
+    fn generation_block_renders_its_body() {
+        let src = "{% for m in messages %}\n  {%- generation -%}\n  [{{ m.content }}]\n  {% endgeneration %}\n{% endfor %}";
+        let plain = "{% for m in messages %}\n  {%- if true -%}\n  [{{ m.content }}]\n  {% endif %}\n{% endfor %}";
+        let messages = json!([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]);
+        let got = render(src, messages.clone()).unwrap();
+        assert_eq!(got, render(plain, messages).unwrap());
+        assert_eq!(got, "[a]\n[b]\n");
     }
 
     #[test]

@@ -439,7 +439,7 @@ impl Engine {
             blocks,
             params: params.clone(),
             rng: params.seed.map(Rng::new).unwrap_or_else(Rng::from_entropy),
-            decoder: self.tokenizer.as_ref().map(|t| t.incremental_decoder(params.skip_special_tokens)),
+            decoder: self.tokenizer.as_ref().map(|t| t.incremental_decoder_after(&ids, params.skip_special_tokens)),
             prompt_token_ids: ids,
             prompt_logprobs: None,
             generated: 0,

@@ -151,9 +151,17 @@ fn special_token(config: &Json, field: &str) -> Result<Option<String>, Tokenizer
         Some(Json::String(s)) => Ok(Some(s.clone())),
         Some(Json::Object(obj)) => match obj.get("content") {
             Some(Json::String(s)) => Ok(Some(s.clone())),
-            _ => Err(invalid(TOKENIZER_CONFIG, field, "an object without a string `content`")),
+            _ => Err(invalid(
+                TOKENIZER_CONFIG,
+                field,
+                "an object without a string `content`",
+            )),
         },
-        Some(_) => Err(invalid(TOKENIZER_CONFIG, field, "expected a string, an object or null")),
+        Some(_) => Err(invalid(
+            TOKENIZER_CONFIG,
+            field,
+            "expected a string, an object or null",
+        )),
     }
 }
 
@@ -171,7 +179,13 @@ fn config_chat_template(config: &Json) -> Result<Option<String>, TokenizerError>
                 let template = entry.get("template").and_then(Json::as_str);
                 match (name, template) {
                     (Some(name), Some(template)) => named.push((name, template)),
-                    _ => return Err(invalid(TOKENIZER_CONFIG, field, "a list entry without string `name` and `template`")),
+                    _ => {
+                        return Err(invalid(
+                            TOKENIZER_CONFIG,
+                            field,
+                            "a list entry without string `name` and `template`",
+                        ))
+                    }
                 }
             }
             Ok(named
@@ -180,19 +194,33 @@ fn config_chat_template(config: &Json) -> Result<Option<String>, TokenizerError>
                 .or(named.first())
                 .map(|(_, template)| (*template).to_owned()))
         }
-        Some(_) => Err(invalid(TOKENIZER_CONFIG, field, "expected a string or a list of {name, template}")),
+        Some(_) => Err(invalid(
+            TOKENIZER_CONFIG,
+            field,
+            "expected a string or a list of {name, template}",
+        )),
     }
 }
 
 fn parse_tokenizer_config(bytes: &[u8]) -> Result<TokenizerConfig, TokenizerError> {
     let config = parse_json(TOKENIZER_CONFIG, bytes)?;
     if !config.is_object() {
-        return Err(invalid(TOKENIZER_CONFIG, "<root>", "expected a JSON object"));
+        return Err(invalid(
+            TOKENIZER_CONFIG,
+            "<root>",
+            "expected a JSON object",
+        ));
     }
     let clean_up_tokenization_spaces = match config.get("clean_up_tokenization_spaces") {
         None | Some(Json::Null) => false,
         Some(Json::Bool(b)) => *b,
-        Some(_) => return Err(invalid(TOKENIZER_CONFIG, "clean_up_tokenization_spaces", "expected a bool")),
+        Some(_) => {
+            return Err(invalid(
+                TOKENIZER_CONFIG,
+                "clean_up_tokenization_spaces",
+                "expected a bool",
+            ))
+        }
     };
     Ok(TokenizerConfig {
         bos_token: special_token(&config, "bos_token")?,
@@ -238,11 +266,12 @@ impl Tokenizer {
         generation_config_json: Option<&[u8]>,
         chat_template_jinja: Option<&str>,
     ) -> Result<Self, TokenizerError> {
-        let inner =
-            tokenizers::Tokenizer::from_bytes(tokenizer_json).map_err(|source| TokenizerError::Load {
+        let inner = tokenizers::Tokenizer::from_bytes(tokenizer_json).map_err(|source| {
+            TokenizerError::Load {
                 what: "tokenizer.json".to_owned(),
                 source,
-            })?;
+            }
+        })?;
         let config = match tokenizer_config_json {
             Some(bytes) => parse_tokenizer_config(bytes)?,
             None => TokenizerConfig::default(),
@@ -250,10 +279,12 @@ impl Tokenizer {
 
         let mut eos_token_ids = Vec::new();
         if let Some(eos) = &config.eos_token {
-            let id = inner.token_to_id(eos).ok_or_else(|| TokenizerError::UnknownToken {
-                what: format!("{TOKENIZER_CONFIG} eos_token"),
-                token: eos.clone(),
-            })?;
+            let id = inner
+                .token_to_id(eos)
+                .ok_or_else(|| TokenizerError::UnknownToken {
+                    what: format!("{TOKENIZER_CONFIG} eos_token"),
+                    token: eos.clone(),
+                })?;
             eos_token_ids.push(id);
         }
         if let Some(bytes) = generation_config_json {
@@ -268,7 +299,9 @@ impl Tokenizer {
             .map(str::to_owned)
             .or(config.chat_template);
         let chat_template = template_source
-            .map(|source| ChatTemplate::new(&source, config.bos_token.clone(), config.eos_token.clone()))
+            .map(|source| {
+                ChatTemplate::new(&source, config.bos_token.clone(), config.eos_token.clone())
+            })
             .transpose()?;
 
         // Measured once: the crate rebuilds the whole vocabulary map to count it.
@@ -381,7 +414,11 @@ impl Tokenizer {
     /// prompt): the last few context ids decide the spacing of the first
     /// generated token (SentencePiece tokenizers drop the leading space of a
     /// sequence's first word), but their text is not emitted.
-    pub fn incremental_decoder_after(&self, context: &[u32], skip_special_tokens: bool) -> IncrementalDecoder<'_> {
+    pub fn incremental_decoder_after(
+        &self,
+        context: &[u32],
+        skip_special_tokens: bool,
+    ) -> IncrementalDecoder<'_> {
         let ids = context[context.len().saturating_sub(INITIAL_CONTEXT_IDS)..].to_vec();
         let read_offset = ids.len();
         IncrementalDecoder {
@@ -447,7 +484,10 @@ impl IncrementalDecoder<'_> {
             return Ok(String::new());
         }
         let tok = self.tokenizer;
-        let prefix_text = tok.decode(&self.ids[self.prefix_offset..self.read_offset], self.skip_special_tokens)?;
+        let prefix_text = tok.decode(
+            &self.ids[self.prefix_offset..self.read_offset],
+            self.skip_special_tokens,
+        )?;
         let new_text = tok.decode(&self.ids[self.prefix_offset..], self.skip_special_tokens)?;
         let complete = flush || !new_text.ends_with('\u{FFFD}');
         if !complete || new_text.len() <= prefix_text.len() {
@@ -501,7 +541,10 @@ mod tests {
             "a": "<s>", "b": {"content": "</s>", "lstrip": false}, "c": null, "d": 3, "e": {"x": 1}
         });
         assert_eq!(special_token(&config, "a").unwrap().as_deref(), Some("<s>"));
-        assert_eq!(special_token(&config, "b").unwrap().as_deref(), Some("</s>"));
+        assert_eq!(
+            special_token(&config, "b").unwrap().as_deref(),
+            Some("</s>")
+        );
         assert_eq!(special_token(&config, "c").unwrap(), None);
         assert_eq!(special_token(&config, "missing").unwrap(), None);
         assert!(special_token(&config, "d").is_err());
@@ -519,13 +562,21 @@ mod tests {
         let plain = serde_json::json!({"chat_template": "P"});
         assert_eq!(config_chat_template(&plain).unwrap().as_deref(), Some("P"));
         assert!(config_chat_template(&serde_json::json!({"chat_template": 1})).is_err());
-        assert!(config_chat_template(&serde_json::json!({"chat_template": [{"name": "x"}]})).is_err());
+        assert!(
+            config_chat_template(&serde_json::json!({"chat_template": [{"name": "x"}]})).is_err()
+        );
     }
 
     #[test]
     fn generation_eos_shapes() {
-        assert_eq!(generation_eos_ids(br#"{"eos_token_id": 7}"#).unwrap(), vec![7]);
-        assert_eq!(generation_eos_ids(br#"{"eos_token_id": [7, 9]}"#).unwrap(), vec![7, 9]);
+        assert_eq!(
+            generation_eos_ids(br#"{"eos_token_id": 7}"#).unwrap(),
+            vec![7]
+        );
+        assert_eq!(
+            generation_eos_ids(br#"{"eos_token_id": [7, 9]}"#).unwrap(),
+            vec![7, 9]
+        );
         assert!(generation_eos_ids(br#"{}"#).unwrap().is_empty());
         assert!(generation_eos_ids(br#"{"eos_token_id": -1}"#).is_err());
         assert!(generation_eos_ids(br#"{"eos_token_id": "x"}"#).is_err());
