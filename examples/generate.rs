@@ -9,7 +9,9 @@ use lvllm_engine::{Engine, Prompt, SamplingParams};
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let dir = args.next().unwrap_or_else(|| concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/qwen3_moe_sharded").into());
+    let dir = args
+        .next()
+        .unwrap_or_else(|| concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/qwen3_moe_sharded").into());
     let engine = Engine::builder().model(&dir).build()?;
     let prompt = match args.next() {
         Some(text) => Prompt::Text(text),
@@ -27,6 +29,11 @@ fn main() -> anyhow::Result<()> {
     }
     println!();
     let s = stream.stats();
-    eprintln!("{} prompt tokens, {} generated, decode {:.1} tok/s", s.prompt_tokens, s.generated_tokens, s.decode_tokens_per_sec().unwrap_or(0.0));
+    eprintln!(
+        "{} prompt tokens, {} generated, decode {:.1} tok/s",
+        s.prompt_tokens,
+        s.generated_tokens,
+        s.decode_tokens_per_sec().unwrap_or(0.0)
+    );
     Ok(())
 }

@@ -112,11 +112,7 @@ impl ChatTemplate {
     /// Compiles `source` with HF's Jinja settings. `bos_token`/`eos_token` are
     /// the tokenizer's special tokens, exposed to the template as globals of
     /// the same names (left undefined when `None`, as HF does).
-    pub fn new(
-        source: &str,
-        bos_token: Option<String>,
-        eos_token: Option<String>,
-    ) -> Result<Self, ChatTemplateError> {
+    pub fn new(source: &str, bos_token: Option<String>, eos_token: Option<String>) -> Result<Self, ChatTemplateError> {
         let mut env = Environment::new();
         let syntax = SyntaxConfig::builder()
             .trim_blocks(true)
@@ -133,12 +129,7 @@ impl ChatTemplate {
         env.add_filter("tojson", tojson_filter);
         env.add_template_owned(TEMPLATE_NAME, rewrite_generation_tags(source))
             .map_err(|source| ChatTemplateError::Compile { source })?;
-        Ok(Self {
-            env,
-            content_format: detect_content_format(source),
-            bos_token,
-            eos_token,
-        })
+        Ok(Self { env, content_format: detect_content_format(source), bos_token, eos_token })
     }
 
     /// Renders `messages`, a JSON array of OpenAI-style messages (`role`,
@@ -161,21 +152,12 @@ impl ChatTemplate {
             ctx.push((key.clone(), json_to_value(value)));
         }
         ctx.push(("messages".to_owned(), messages));
-        ctx.push((
-            "tools".to_owned(),
-            opts.tools.map_or(Value::from(()), json_to_value),
-        ));
+        ctx.push(("tools".to_owned(), opts.tools.map_or(Value::from(()), json_to_value)));
         ctx.push(("documents".to_owned(), Value::from(())));
-        ctx.push((
-            "add_generation_prompt".to_owned(),
-            Value::from(opts.add_generation_prompt),
-        ));
+        ctx.push(("add_generation_prompt".to_owned(), Value::from(opts.add_generation_prompt)));
         // Later entries win, so the explicit parameters override `extra`.
         let ctx = Value::from_pairs(ctx);
-        let template = self
-            .env
-            .get_template(TEMPLATE_NAME)
-            .map_err(|source| ChatTemplateError::Render { source })?;
+        let template = self.env.get_template(TEMPLATE_NAME).map_err(|source| ChatTemplateError::Render { source })?;
         template.render(ctx).map_err(render_error)
     }
 
@@ -183,30 +165,23 @@ impl ChatTemplate {
     /// template value.
     fn normalize_messages(&self, messages: &serde_json::Value) -> Result<Value, ChatTemplateError> {
         let invalid = |reason: String| ChatTemplateError::InvalidMessages { reason };
-        let list = messages
-            .as_array()
-            .ok_or_else(|| invalid("messages must be a JSON array".to_owned()))?;
+        let list = messages.as_array().ok_or_else(|| invalid("messages must be a JSON array".to_owned()))?;
         if list.is_empty() {
             return Err(invalid("the conversation is empty".to_owned()));
         }
         let mut out = Vec::with_capacity(list.len());
         for (idx, message) in list.iter().enumerate() {
-            let obj = message
-                .as_object()
-                .ok_or_else(|| invalid(format!("message {idx} is not a JSON object")))?;
+            let obj = message.as_object().ok_or_else(|| invalid(format!("message {idx} is not a JSON object")))?;
             // HF drops keys whose value is None: templates handle a missing
             // key, but may render a literal "None".
-            let mut msg: serde_json::Map<String, serde_json::Value> = obj
-                .iter()
-                .filter(|(_, v)| !v.is_null())
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
+            let mut msg: serde_json::Map<String, serde_json::Value> =
+                obj.iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k.clone(), v.clone())).collect();
             alias_reasoning_fields(&mut msg);
             if self.content_format == ContentFormat::String {
                 if let Some(content) = msg.get_mut("content") {
                     if let Some(parts) = content.as_array() {
-                        let text = flatten_text_parts(parts)
-                            .map_err(|reason| invalid(format!("message {idx}: {reason}")))?;
+                        let text =
+                            flatten_text_parts(parts).map_err(|reason| invalid(format!("message {idx}: {reason}")))?;
                         *content = serde_json::Value::String(text);
                     }
                 }
@@ -245,9 +220,7 @@ fn flatten_text_parts(parts: &[serde_json::Value]) -> Result<String, String> {
             serde_json::Value::Object(obj) => {
                 let kind = obj.get("type").and_then(|t| t.as_str()).unwrap_or("text");
                 if kind != "text" {
-                    return Err(format!(
-                        "content part of type {kind:?} is not supported by this chat template"
-                    ));
+                    return Err(format!("content part of type {kind:?} is not supported by this chat template"));
                 }
                 let text = obj
                     .get("text")
@@ -274,9 +247,7 @@ fn rewrite_generation_tags(source: &str) -> String {
             break;
         };
         let inner = &after[..end];
-        let body = inner
-            .trim_start_matches(['-', '+'])
-            .trim_end_matches(['-', '+']);
+        let body = inner.trim_start_matches(['-', '+']).trim_end_matches(['-', '+']);
         let replacement = match body.trim() {
             "generation" => Some("if true"),
             "endgeneration" => Some("endif"),
@@ -312,10 +283,7 @@ fn detect_content_format(source: &str) -> ContentFormat {
         let Some(end) = after.find("%}") else {
             break;
         };
-        let tag = after[..end]
-            .trim_start_matches(['-', '+'])
-            .trim_end_matches(['-', '+'])
-            .trim();
+        let tag = after[..end].trim_start_matches(['-', '+']).trim_end_matches(['-', '+']).trim();
         if let Some(for_clause) = tag.strip_prefix("for") {
             if for_clause.starts_with(char::is_whitespace) {
                 if let Some((_, iterable)) = for_clause.split_once(" in ") {
@@ -345,13 +313,10 @@ fn json_to_value(value: &serde_json::Value) -> Value {
             }
         }
         serde_json::Value::String(s) => Value::from(s.as_str()),
-        serde_json::Value::Array(items) => {
-            Value::from(items.iter().map(json_to_value).collect::<Vec<_>>())
+        serde_json::Value::Array(items) => Value::from(items.iter().map(json_to_value).collect::<Vec<_>>()),
+        serde_json::Value::Object(map) => {
+            Value::from_pairs(map.iter().map(|(k, v)| (Value::from(k.as_str()), json_to_value(v))))
         }
-        serde_json::Value::Object(map) => Value::from_pairs(
-            map.iter()
-                .map(|(k, v)| (Value::from(k.as_str()), json_to_value(v))),
-        ),
     }
 }
 
@@ -370,17 +335,14 @@ impl std::error::Error for RaisedException {}
 
 /// HF's `raise_exception(message)` global.
 fn raise_exception(message: String) -> Result<Value, Error> {
-    Err(Error::new(ErrorKind::InvalidOperation, message.clone())
-        .with_source(RaisedException(message)))
+    Err(Error::new(ErrorKind::InvalidOperation, message.clone()).with_source(RaisedException(message)))
 }
 
 fn render_error(err: Error) -> ChatTemplateError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&err);
     while let Some(e) = source {
         if let Some(raised) = e.downcast_ref::<RaisedException>() {
-            return ChatTemplateError::Raised {
-                message: raised.0.clone(),
-            };
+            return ChatTemplateError::Raised { message: raised.0.clone() };
         }
         source = e.source();
     }
@@ -389,21 +351,11 @@ fn render_error(err: Error) -> ChatTemplateError {
 
 /// Prints values as Python's `str()` would: `None`, `True`, `False`, and
 /// lists and dicts in their `repr` form.
-fn python_formatter(
-    out: &mut minijinja::Output,
-    _state: &mut minijinja::State,
-    value: &Value,
-) -> Result<(), Error> {
+fn python_formatter(out: &mut minijinja::Output, _state: &mut minijinja::State, value: &Value) -> Result<(), Error> {
     let text = match value.kind() {
         ValueKind::Undefined => return Ok(()),
-        ValueKind::String => {
-            return out
-                .write_str(value.as_str().unwrap_or_default())
-                .map_err(fmt_error)
-        }
-        ValueKind::None | ValueKind::Bool | ValueKind::Number | ValueKind::Seq | ValueKind::Map => {
-            py_repr(value)?
-        }
+        ValueKind::String => return out.write_str(value.as_str().unwrap_or_default()).map_err(fmt_error),
+        ValueKind::None | ValueKind::Bool | ValueKind::Number | ValueKind::Seq | ValueKind::Map => py_repr(value)?,
         _ => value.to_string(),
     };
     out.write_str(&text).map_err(fmt_error)
@@ -456,11 +408,7 @@ fn py_repr_into(out: &mut String, value: &Value) -> Result<(), Error> {
 /// Python's `repr(str)`: single quotes unless the text holds a single quote
 /// and no double quote.
 fn py_repr_str(out: &mut String, s: &str) {
-    let quote = if s.contains('\'') && !s.contains('"') {
-        '"'
-    } else {
-        '\''
-    };
+    let quote = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
     out.push(quote);
     for c in s.chars() {
         match c {
@@ -564,10 +512,7 @@ fn tojson_filter(
     indent: Option<Value>,
     kwargs: Kwargs,
 ) -> Result<Value, Error> {
-    let ensure_ascii = match kwargs
-        .get::<Option<Value>>("ensure_ascii")?
-        .or(ensure_ascii)
-    {
+    let ensure_ascii = match kwargs.get::<Option<Value>>("ensure_ascii")?.or(ensure_ascii) {
         Some(v) => v.is_true(),
         None => false,
     };
@@ -579,10 +524,7 @@ fn tojson_filter(
             ValueKind::Bool => if v.is_true() { " " } else { "" }.to_owned(),
             _ => {
                 let n = i64::try_from(v.clone()).map_err(|_| {
-                    Error::new(
-                        ErrorKind::InvalidOperation,
-                        "tojson: indent must be an integer or a string",
-                    )
+                    Error::new(ErrorKind::InvalidOperation, "tojson: indent must be an integer or a string")
                 })?;
                 let n = usize::try_from(n).unwrap_or(0);
                 if n > MAX_JSON_INDENT {
@@ -599,34 +541,19 @@ fn tojson_filter(
         Some(seps) if !seps.is_none() => {
             let parts: Vec<Value> = seps.try_iter()?.collect();
             match parts.as_slice() {
-                [a, b] if a.kind() == ValueKind::String && b.kind() == ValueKind::String => (
-                    a.as_str().unwrap_or_default().to_owned(),
-                    b.as_str().unwrap_or_default().to_owned(),
-                ),
+                [a, b] if a.kind() == ValueKind::String && b.kind() == ValueKind::String => {
+                    (a.as_str().unwrap_or_default().to_owned(), b.as_str().unwrap_or_default().to_owned())
+                }
                 _ => {
-                    return Err(Error::new(
-                        ErrorKind::InvalidOperation,
-                        "tojson: separators must be a pair of strings",
-                    ))
+                    return Err(Error::new(ErrorKind::InvalidOperation, "tojson: separators must be a pair of strings"))
                 }
             }
         }
-        _ => (
-            if indent.is_some() { "," } else { ", " }.to_owned(),
-            ": ".to_owned(),
-        ),
+        _ => (if indent.is_some() { "," } else { ", " }.to_owned(), ": ".to_owned()),
     };
-    let sort_keys = kwargs
-        .get::<Option<Value>>("sort_keys")?
-        .is_some_and(|v| v.is_true());
+    let sort_keys = kwargs.get::<Option<Value>>("sort_keys")?.is_some_and(|v| v.is_true());
     kwargs.assert_all_used()?;
-    let style = JsonStyle {
-        ensure_ascii,
-        indent,
-        item_sep,
-        key_sep,
-        sort_keys,
-    };
+    let style = JsonStyle { ensure_ascii, indent, item_sep, key_sep, sort_keys };
     let mut out = String::new();
     json_dump(&mut out, value, &style, 0)?;
     Ok(Value::from(out))
@@ -641,12 +568,7 @@ fn json_newline(out: &mut String, style: &JsonStyle, level: usize) {
     }
 }
 
-fn json_dump(
-    out: &mut String,
-    value: &Value,
-    style: &JsonStyle,
-    level: usize,
-) -> Result<(), Error> {
+fn json_dump(out: &mut String, value: &Value, style: &JsonStyle, level: usize) -> Result<(), Error> {
     match value.kind() {
         ValueKind::None => out.push_str("null"),
         ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
@@ -755,21 +677,11 @@ fn json_str(out: &mut String, s: &str, ensure_ascii: bool) {
 /// HF's `strftime_now(format)`. HF formats the local time; this formats UTC,
 /// which is the local time of a server that runs in UTC.
 fn strftime_now(format: String) -> Result<Value, Error> {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     Ok(Value::from(strftime_utc(&format, secs)))
 }
 
-const WEEKDAYS: [&str; 7] = [
-    "Monday",
-    "Tuesday",
-    "Wednesday",
-    "Thursday",
-    "Friday",
-    "Saturday",
-    "Sunday",
-];
+const WEEKDAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
 const MONTHS: [&str; 12] = [
     "January",
     "February",
@@ -936,15 +848,9 @@ mod tests {
         let messages = json!([{"role": "user", "content": "x"}]);
         let t = |src: &str| render(src, messages.clone());
         let src = r#"{{ {"b": [1, 2.5, none, true], "a": "é\"<>&\n\u0001"} | tojson }}"#;
-        assert_eq!(
-            t(src).unwrap(),
-            r#"{"b": [1, 2.5, null, true], "a": "é\"<>&\n\u0001"}"#
-        );
+        assert_eq!(t(src).unwrap(), r#"{"b": [1, 2.5, null, true], "a": "é\"<>&\n\u0001"}"#);
         let src = r#"{{ {"b": [1, {}], "a": []} | tojson(indent=2, sort_keys=true) }}"#;
-        assert_eq!(
-            t(src).unwrap(),
-            "{\n  \"a\": [],\n  \"b\": [\n    1,\n    {}\n  ]\n}"
-        );
+        assert_eq!(t(src).unwrap(), "{\n  \"a\": [],\n  \"b\": [\n    1,\n    {}\n  ]\n}");
         let src = r#"{{ "é😀" | tojson(ensure_ascii=true) }}"#;
         assert_eq!(t(src).unwrap(), r#""\u00e9\ud83d\ude00""#);
         let src = r#"{{ [1, 2] | tojson(separators=(",", ":")) }}"#;
@@ -953,11 +859,7 @@ mod tests {
 
     #[test]
     fn raise_exception_carries_message() {
-        let err = render(
-            "{{ raise_exception('roles must alternate') }}",
-            json!([{"role": "user"}]),
-        )
-        .unwrap_err();
+        let err = render("{{ raise_exception('roles must alternate') }}", json!([{"role": "user"}])).unwrap_err();
         match err {
             ChatTemplateError::Raised { message } => assert_eq!(message, "roles must alternate"),
             other => panic!("unexpected error {other:?}"),
@@ -994,10 +896,7 @@ mod tests {
     #[test]
     fn pycompat_methods_and_whitespace() {
         let src = "{% for m in messages %}\n  {{ m.content.strip().split(',')[-1].startswith('b') }}\n{% endfor %}\n";
-        assert_eq!(
-            render(src, json!([{"role": "user", "content": " a,b "}])).unwrap(),
-            "  True\n"
-        );
+        assert_eq!(render(src, json!([{"role": "user", "content": " a,b "}])).unwrap(), "  True\n");
     }
 
     #[test]
@@ -1025,19 +924,16 @@ mod tests {
         ]}]);
         let string_src = "{% for m in messages %}{{ m.content }}{% endfor %}";
         assert_eq!(render(string_src, messages.clone()).unwrap(), "a\nb");
-        let parts_src =
-            "{% for m in messages %}{% for p in m.content %}[{{ p.text }}]{% endfor %}{% endfor %}";
+        let parts_src = "{% for m in messages %}{% for p in m.content %}[{{ p.text }}]{% endfor %}{% endfor %}";
         assert_eq!(render(parts_src, messages).unwrap(), "[a][b]");
         let image = json!([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]);
-        assert!(matches!(
-            render(string_src, image),
-            Err(ChatTemplateError::InvalidMessages { .. })
-        ));
+        assert!(matches!(render(string_src, image), Err(ChatTemplateError::InvalidMessages { .. })));
     }
 
     #[test]
     fn generation_block_renders_its_body() {
-        let src = "{% for m in messages %}\n  {%- generation -%}\n  [{{ m.content }}]\n  {% endgeneration %}\n{% endfor %}";
+        let src =
+            "{% for m in messages %}\n  {%- generation -%}\n  [{{ m.content }}]\n  {% endgeneration %}\n{% endfor %}";
         let plain = "{% for m in messages %}\n  {%- if true -%}\n  [{{ m.content }}]\n  {% endif %}\n{% endfor %}";
         let messages = json!([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]);
         let got = render(src, messages.clone()).unwrap();

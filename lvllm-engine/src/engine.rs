@@ -115,7 +115,8 @@ impl EngineBuilder {
                 })
             }
         }
-        let source = self.source.ok_or_else(|| Error::Config("no model given: call .model(dir) or .embedded(..)".into()))?;
+        let source =
+            self.source.ok_or_else(|| Error::Config("no model given: call .model(dir) or .embedded(..)".into()))?;
         let (config, weights, tokenizer, name) = match &source {
             ModelSource::Dir(dir) => {
                 let path = dir.join("config.json");
@@ -126,7 +127,8 @@ impl EngineBuilder {
                 (config, weights, Tokenizer::from_dir(dir)?, dir.display().to_string())
             }
             ModelSource::Embedded(m) => {
-                let config = ModelConfig::from_json(m.config_json, &format!("{}/config.json", m.name)).map_err(Error::ModelLoad)?;
+                let config = ModelConfig::from_json(m.config_json, &format!("{}/config.json", m.name))
+                    .map_err(Error::ModelLoad)?;
                 let file = SafetensorsFile::from_static(format!("{}/model.safetensors", m.name), m.safetensors)
                     .map_err(Error::ModelLoad)?;
                 let tokenizer = match m.tokenizer_json {
@@ -314,7 +316,10 @@ pub struct Engine {
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("model", &self.name).field("max_model_len", &self.max_model_len).finish_non_exhaustive()
+        f.debug_struct("Engine")
+            .field("model", &self.name)
+            .field("max_model_len", &self.max_model_len)
+            .finish_non_exhaustive()
     }
 }
 
@@ -353,7 +358,10 @@ impl Engine {
     pub fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>> {
         let need_tok = || {
             self.tokenizer.as_ref().ok_or_else(|| {
-                Error::InvalidRequest(format!("model {} has no tokenizer.json: give the prompt as token ids", self.name))
+                Error::InvalidRequest(format!(
+                    "model {} has no tokenizer.json: give the prompt as token ids",
+                    self.name
+                ))
             })
         };
         Ok(match prompt {
@@ -361,9 +369,9 @@ impl Engine {
             Prompt::Text(s) => need_tok()?.encode(s, true)?,
             Prompt::Chat(c) => {
                 let tok = need_tok()?;
-                let tmpl = tok.chat_template().ok_or_else(|| {
-                    Error::InvalidRequest(format!("model {} has no chat template", self.name))
-                })?;
+                let tmpl = tok
+                    .chat_template()
+                    .ok_or_else(|| Error::InvalidRequest(format!("model {} has no chat template", self.name)))?;
                 let opts = ChatTemplateOptions {
                     add_generation_prompt: true,
                     tools: c.tools.as_ref(),
@@ -479,7 +487,10 @@ pub struct GenerationStream<'a> {
 
 impl std::fmt::Debug for GenerationStream<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GenerationStream").field("generated", &self.generated).field("done", &self.done).finish_non_exhaustive()
+        f.debug_struct("GenerationStream")
+            .field("generated", &self.generated)
+            .field("done", &self.done)
+            .finish_non_exhaustive()
     }
 }
 
@@ -510,7 +521,8 @@ impl GenerationStream<'_> {
     fn prefill(&mut self) -> Result<()> {
         let t0 = Instant::now();
         let ids = std::mem::take(&mut self.prompt_token_ids);
-        let sel = if self.params.prompt_logprobs.is_some() { LogitsSelection::All } else { LogitsSelection::LastPerSeq };
+        let sel =
+            if self.params.prompt_logprobs.is_some() { LogitsSelection::All } else { LogitsSelection::LastPerSeq };
         let out = self.run(&ids, 0, sel);
         self.prompt_token_ids = ids;
         let out = out?;

@@ -129,18 +129,11 @@ const TOKENIZER_CONFIG: &str = "tokenizer_config.json";
 const GENERATION_CONFIG: &str = "generation_config.json";
 
 fn parse_json(what: &str, bytes: &[u8]) -> Result<Json, TokenizerError> {
-    serde_json::from_slice(bytes).map_err(|source| TokenizerError::ConfigJson {
-        what: what.to_owned(),
-        source,
-    })
+    serde_json::from_slice(bytes).map_err(|source| TokenizerError::ConfigJson { what: what.to_owned(), source })
 }
 
 fn invalid(what: &str, field: &str, reason: impl Into<String>) -> TokenizerError {
-    TokenizerError::InvalidConfig {
-        what: what.to_owned(),
-        field: field.to_owned(),
-        reason: reason.into(),
-    }
+    TokenizerError::InvalidConfig { what: what.to_owned(), field: field.to_owned(), reason: reason.into() }
 }
 
 /// A special token given as a string, as `{"content": ...}` (an
@@ -151,17 +144,9 @@ fn special_token(config: &Json, field: &str) -> Result<Option<String>, Tokenizer
         Some(Json::String(s)) => Ok(Some(s.clone())),
         Some(Json::Object(obj)) => match obj.get("content") {
             Some(Json::String(s)) => Ok(Some(s.clone())),
-            _ => Err(invalid(
-                TOKENIZER_CONFIG,
-                field,
-                "an object without a string `content`",
-            )),
+            _ => Err(invalid(TOKENIZER_CONFIG, field, "an object without a string `content`")),
         },
-        Some(_) => Err(invalid(
-            TOKENIZER_CONFIG,
-            field,
-            "expected a string, an object or null",
-        )),
+        Some(_) => Err(invalid(TOKENIZER_CONFIG, field, "expected a string, an object or null")),
     }
 }
 
@@ -194,33 +179,19 @@ fn config_chat_template(config: &Json) -> Result<Option<String>, TokenizerError>
                 .or(named.first())
                 .map(|(_, template)| (*template).to_owned()))
         }
-        Some(_) => Err(invalid(
-            TOKENIZER_CONFIG,
-            field,
-            "expected a string or a list of {name, template}",
-        )),
+        Some(_) => Err(invalid(TOKENIZER_CONFIG, field, "expected a string or a list of {name, template}")),
     }
 }
 
 fn parse_tokenizer_config(bytes: &[u8]) -> Result<TokenizerConfig, TokenizerError> {
     let config = parse_json(TOKENIZER_CONFIG, bytes)?;
     if !config.is_object() {
-        return Err(invalid(
-            TOKENIZER_CONFIG,
-            "<root>",
-            "expected a JSON object",
-        ));
+        return Err(invalid(TOKENIZER_CONFIG, "<root>", "expected a JSON object"));
     }
     let clean_up_tokenization_spaces = match config.get("clean_up_tokenization_spaces") {
         None | Some(Json::Null) => false,
         Some(Json::Bool(b)) => *b,
-        Some(_) => {
-            return Err(invalid(
-                TOKENIZER_CONFIG,
-                "clean_up_tokenization_spaces",
-                "expected a bool",
-            ))
-        }
+        Some(_) => return Err(invalid(TOKENIZER_CONFIG, "clean_up_tokenization_spaces", "expected a bool")),
     };
     Ok(TokenizerConfig {
         bos_token: special_token(&config, "bos_token")?,
@@ -266,12 +237,8 @@ impl Tokenizer {
         generation_config_json: Option<&[u8]>,
         chat_template_jinja: Option<&str>,
     ) -> Result<Self, TokenizerError> {
-        let inner = tokenizers::Tokenizer::from_bytes(tokenizer_json).map_err(|source| {
-            TokenizerError::Load {
-                what: "tokenizer.json".to_owned(),
-                source,
-            }
-        })?;
+        let inner = tokenizers::Tokenizer::from_bytes(tokenizer_json)
+            .map_err(|source| TokenizerError::Load { what: "tokenizer.json".to_owned(), source })?;
         let config = match tokenizer_config_json {
             Some(bytes) => parse_tokenizer_config(bytes)?,
             None => TokenizerConfig::default(),
@@ -279,12 +246,10 @@ impl Tokenizer {
 
         let mut eos_token_ids = Vec::new();
         if let Some(eos) = &config.eos_token {
-            let id = inner
-                .token_to_id(eos)
-                .ok_or_else(|| TokenizerError::UnknownToken {
-                    what: format!("{TOKENIZER_CONFIG} eos_token"),
-                    token: eos.clone(),
-                })?;
+            let id = inner.token_to_id(eos).ok_or_else(|| TokenizerError::UnknownToken {
+                what: format!("{TOKENIZER_CONFIG} eos_token"),
+                token: eos.clone(),
+            })?;
             eos_token_ids.push(id);
         }
         if let Some(bytes) = generation_config_json {
@@ -295,26 +260,16 @@ impl Tokenizer {
             }
         }
 
-        let template_source = chat_template_jinja
-            .map(str::to_owned)
-            .or(config.chat_template);
+        let template_source = chat_template_jinja.map(str::to_owned).or(config.chat_template);
         let chat_template = template_source
-            .map(|source| {
-                ChatTemplate::new(&source, config.bos_token.clone(), config.eos_token.clone())
-            })
+            .map(|source| ChatTemplate::new(&source, config.bos_token.clone(), config.eos_token.clone()))
             .transpose()?;
 
         // Measured once: the crate rebuilds the whole vocabulary map to count it.
         let vocab_size = inner.get_vocab_size(true);
-        let clean_up_tokenization_spaces = config.clean_up_tokenization_spaces
-            && !matches!(inner.get_model(), tokenizers::ModelWrapper::BPE(_));
-        Ok(Self {
-            inner,
-            vocab_size,
-            eos_token_ids,
-            chat_template,
-            clean_up_tokenization_spaces,
-        })
+        let clean_up_tokenization_spaces =
+            config.clean_up_tokenization_spaces && !matches!(inner.get_model(), tokenizers::ModelWrapper::BPE(_));
+        Ok(Self { inner, vocab_size, eos_token_ids, chat_template, clean_up_tokenization_spaces })
     }
 
     /// Reads `tokenizer.json`, `tokenizer_config.json`,
@@ -349,25 +304,16 @@ impl Tokenizer {
     /// tokenizer's post-processor (e.g. a BOS id for Llama-style tokenizers),
     /// as HF's `encode(add_special_tokens=...)` does.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, TokenizerError> {
-        let encoding = self
-            .inner
-            .encode_fast(text, add_special_tokens)
-            .map_err(|source| TokenizerError::Encode { source })?;
+        let encoding =
+            self.inner.encode_fast(text, add_special_tokens).map_err(|source| TokenizerError::Encode { source })?;
         Ok(encoding.get_ids().to_vec())
     }
 
     /// Decodes `ids` to text, dropping special tokens when
     /// `skip_special_tokens` is set. Invalid UTF-8 becomes U+FFFD.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, TokenizerError> {
-        let text = self
-            .inner
-            .decode(ids, skip_special_tokens)
-            .map_err(|source| TokenizerError::Decode { source })?;
-        Ok(if self.clean_up_tokenization_spaces {
-            clean_up_tokenization(&text)
-        } else {
-            text
-        })
+        let text = self.inner.decode(ids, skip_special_tokens).map_err(|source| TokenizerError::Decode { source })?;
+        Ok(if self.clean_up_tokenization_spaces { clean_up_tokenization(&text) } else { text })
     }
 
     /// The number of tokens, added tokens included (HF's `len(tokenizer)`).
@@ -401,33 +347,17 @@ impl Tokenizer {
 
     /// A streaming decoder for a fresh sequence of generated ids.
     pub fn incremental_decoder(&self, skip_special_tokens: bool) -> IncrementalDecoder<'_> {
-        IncrementalDecoder {
-            tokenizer: self,
-            skip_special_tokens,
-            ids: Vec::new(),
-            prefix_offset: 0,
-            read_offset: 0,
-        }
+        IncrementalDecoder { tokenizer: self, skip_special_tokens, ids: Vec::new(), prefix_offset: 0, read_offset: 0 }
     }
 
     /// A streaming decoder whose output continues `context` (usually the
     /// prompt): the last few context ids decide the spacing of the first
     /// generated token (SentencePiece tokenizers drop the leading space of a
     /// sequence's first word), but their text is not emitted.
-    pub fn incremental_decoder_after(
-        &self,
-        context: &[u32],
-        skip_special_tokens: bool,
-    ) -> IncrementalDecoder<'_> {
+    pub fn incremental_decoder_after(&self, context: &[u32], skip_special_tokens: bool) -> IncrementalDecoder<'_> {
         let ids = context[context.len().saturating_sub(INITIAL_CONTEXT_IDS)..].to_vec();
         let read_offset = ids.len();
-        IncrementalDecoder {
-            tokenizer: self,
-            skip_special_tokens,
-            ids,
-            prefix_offset: 0,
-            read_offset,
-        }
+        IncrementalDecoder { tokenizer: self, skip_special_tokens, ids, prefix_offset: 0, read_offset }
     }
 }
 
@@ -484,10 +414,7 @@ impl IncrementalDecoder<'_> {
             return Ok(String::new());
         }
         let tok = self.tokenizer;
-        let prefix_text = tok.decode(
-            &self.ids[self.prefix_offset..self.read_offset],
-            self.skip_special_tokens,
-        )?;
+        let prefix_text = tok.decode(&self.ids[self.prefix_offset..self.read_offset], self.skip_special_tokens)?;
         let new_text = tok.decode(&self.ids[self.prefix_offset..], self.skip_special_tokens)?;
         let complete = flush || !new_text.ends_with('\u{FFFD}');
         if !complete || new_text.len() <= prefix_text.len() {
@@ -541,10 +468,7 @@ mod tests {
             "a": "<s>", "b": {"content": "</s>", "lstrip": false}, "c": null, "d": 3, "e": {"x": 1}
         });
         assert_eq!(special_token(&config, "a").unwrap().as_deref(), Some("<s>"));
-        assert_eq!(
-            special_token(&config, "b").unwrap().as_deref(),
-            Some("</s>")
-        );
+        assert_eq!(special_token(&config, "b").unwrap().as_deref(), Some("</s>"));
         assert_eq!(special_token(&config, "c").unwrap(), None);
         assert_eq!(special_token(&config, "missing").unwrap(), None);
         assert!(special_token(&config, "d").is_err());
@@ -562,21 +486,13 @@ mod tests {
         let plain = serde_json::json!({"chat_template": "P"});
         assert_eq!(config_chat_template(&plain).unwrap().as_deref(), Some("P"));
         assert!(config_chat_template(&serde_json::json!({"chat_template": 1})).is_err());
-        assert!(
-            config_chat_template(&serde_json::json!({"chat_template": [{"name": "x"}]})).is_err()
-        );
+        assert!(config_chat_template(&serde_json::json!({"chat_template": [{"name": "x"}]})).is_err());
     }
 
     #[test]
     fn generation_eos_shapes() {
-        assert_eq!(
-            generation_eos_ids(br#"{"eos_token_id": 7}"#).unwrap(),
-            vec![7]
-        );
-        assert_eq!(
-            generation_eos_ids(br#"{"eos_token_id": [7, 9]}"#).unwrap(),
-            vec![7, 9]
-        );
+        assert_eq!(generation_eos_ids(br#"{"eos_token_id": 7}"#).unwrap(), vec![7]);
+        assert_eq!(generation_eos_ids(br#"{"eos_token_id": [7, 9]}"#).unwrap(), vec![7, 9]);
         assert!(generation_eos_ids(br#"{}"#).unwrap().is_empty());
         assert!(generation_eos_ids(br#"{"eos_token_id": -1}"#).is_err());
         assert!(generation_eos_ids(br#"{"eos_token_id": "x"}"#).is_err());

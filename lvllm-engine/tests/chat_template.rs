@@ -25,9 +25,7 @@ fn qwen3_template() -> String {
 
 fn options(case: &Value) -> ChatTemplateOptions<'_> {
     ChatTemplateOptions {
-        add_generation_prompt: case["add_generation_prompt"]
-            .as_bool()
-            .expect("add_generation_prompt"),
+        add_generation_prompt: case["add_generation_prompt"].as_bool().expect("add_generation_prompt"),
         tools: Some(&case["tools"]).filter(|t| !t.is_null()),
         extra: case["extra"].as_object().cloned().unwrap_or_default(),
     }
@@ -62,9 +60,7 @@ fn qwen3_template_matches_transformers() {
 #[test]
 fn template_from_tokenizer_config_list_uses_default() {
     // The tiny tokenizer's config lists {tool_use, default}; default is Qwen3's.
-    let tok = Tokenizer::from_dir(&fixtures().join("tok"))
-        .expect("loads")
-        .expect("has tokenizer.json");
+    let tok = Tokenizer::from_dir(&fixtures().join("tok")).expect("loads").expect("has tokenizer.json");
     let template = tok.chat_template().expect("has a chat template");
     let failures = check_all(template);
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
@@ -72,19 +68,10 @@ fn template_from_tokenizer_config_list_uses_default() {
 
 #[test]
 fn rendered_prompt_tokenizes_with_special_tokens() {
-    let tok = Tokenizer::from_dir(&fixtures().join("tok"))
-        .unwrap()
-        .unwrap();
+    let tok = Tokenizer::from_dir(&fixtures().join("tok")).unwrap().unwrap();
     let messages = serde_json::json!([{"role": "user", "content": "hi"}]);
-    let opts = ChatTemplateOptions {
-        add_generation_prompt: true,
-        ..Default::default()
-    };
-    let prompt = tok
-        .chat_template()
-        .unwrap()
-        .apply(&messages, &opts)
-        .unwrap();
+    let opts = ChatTemplateOptions { add_generation_prompt: true, ..Default::default() };
+    let prompt = tok.chat_template().unwrap().apply(&messages, &opts).unwrap();
     let ids = tok.encode(&prompt, false).unwrap();
     let im_start = tok.token_to_id("<|im_start|>").unwrap();
     let im_end = tok.token_to_id("<|im_end|>").unwrap();

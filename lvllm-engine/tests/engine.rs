@@ -96,7 +96,13 @@ fn stop_tokens_seeds_and_request_errors() {
     assert_eq!(g.finish_reason, FinishReason::Stop);
 
     let sampled = |seed| {
-        let p = SamplingParams { seed: Some(seed), temperature: 1.5, ignore_eos: true, max_tokens: 12, ..Default::default() };
+        let p = SamplingParams {
+            seed: Some(seed),
+            temperature: 1.5,
+            ignore_eos: true,
+            max_tokens: 12,
+            ..Default::default()
+        };
         engine.generate(prompt.clone(), &p).unwrap().token_ids
     };
     assert_eq!(sampled(1), sampled(1));
@@ -180,8 +186,10 @@ fn missing_tensor_is_named() {
     let d = copy_fixture("qwen3_moe_dense_tied");
     let w = d.path().join("model.safetensors");
     let f = SafetensorsFile::open(&w).unwrap();
-    let names: Vec<String> = f.names().filter(|n| *n != "model.layers.2.self_attn.k_norm.weight").map(String::from).collect();
-    let tensors: Vec<(String, lvllm_tensor::HostTensor)> = names.iter().map(|n| (n.clone(), f.get(n).unwrap().unwrap())).collect();
+    let names: Vec<String> =
+        f.names().filter(|n| *n != "model.layers.2.self_attn.k_norm.weight").map(String::from).collect();
+    let tensors: Vec<(String, lvllm_tensor::HostTensor)> =
+        names.iter().map(|n| (n.clone(), f.get(n).unwrap().unwrap())).collect();
     let refs: Vec<(&str, &lvllm_tensor::HostTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let bytes = lvllm_models::safetensors::serialize(&refs);
     drop(tensors);

@@ -18,9 +18,7 @@ fn read_json(path: &Path) -> Value {
 }
 
 fn tiny() -> Tokenizer {
-    Tokenizer::from_dir(&fixtures().join("tok"))
-        .expect("tiny tokenizer loads")
-        .expect("tiny tokenizer.json exists")
+    Tokenizer::from_dir(&fixtures().join("tok")).expect("tiny tokenizer loads").expect("tiny tokenizer.json exists")
 }
 
 fn ids_of(case: &Value) -> Vec<u32> {
@@ -46,9 +44,7 @@ fn check_against_hf(tok: &Tokenizer, expected: &Value) -> Vec<String> {
             let want = case[key].as_str().expect("decoded");
             match tok.decode(&ids_of(case), skip) {
                 Ok(got) if got == want => {}
-                got => failures.push(format!(
-                    "decode {text:?} skip={skip}: want {want:?}, got {got:?}"
-                )),
+                got => failures.push(format!("decode {text:?} skip={skip}: want {want:?}, got {got:?}")),
             }
         }
     }
@@ -89,16 +85,9 @@ fn tiny_ids_and_decodings_match_transformers() {
 fn tiny_vocab_size_and_eos_ids() {
     let expected = read_json(&fixtures().join("tok/expected.json"));
     let tok = tiny();
-    assert_eq!(
-        tok.vocab_size() as u64,
-        expected["vocab_size"].as_u64().unwrap()
-    );
-    let eos: Vec<u32> = expected["eos_token_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect();
+    assert_eq!(tok.vocab_size() as u64, expected["vocab_size"].as_u64().unwrap());
+    let eos: Vec<u32> =
+        expected["eos_token_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
     // tokenizer_config's eos_token (<|im_end|>) first, then generation_config's
     // [<|endoftext|>, <|im_end|>] without the duplicate.
     assert_eq!(tok.eos_token_ids(), eos.as_slice());
@@ -107,16 +96,8 @@ fn tiny_vocab_size_and_eos_ids() {
 #[test]
 fn token_id_round_trips() {
     let tok = tiny();
-    for token in [
-        "<|endoftext|>",
-        "<|im_start|>",
-        "<|im_end|>",
-        "<think>",
-        "</tool_call>",
-    ] {
-        let id = tok
-            .token_to_id(token)
-            .unwrap_or_else(|| panic!("{token} in vocab"));
+    for token in ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</tool_call>"] {
+        let id = tok.token_to_id(token).unwrap_or_else(|| panic!("{token} in vocab"));
         assert_eq!(tok.id_to_token(id).as_deref(), Some(token));
     }
     assert_eq!(tok.token_to_id("<|not a token|>"), None);
@@ -153,10 +134,7 @@ fn incremental_decoder_matches_full_decode() {
 fn incremental_decoder_holds_back_split_characters() {
     let tok = tiny();
     let ids = tok.encode("🎉", false).unwrap();
-    assert!(
-        ids.len() > 1,
-        "the emoji should be split into byte tokens: {ids:?}"
-    );
+    assert!(ids.len() > 1, "the emoji should be split into byte tokens: {ids:?}");
     let mut dec = tok.incremental_decoder(false);
     let chunks: Vec<String> = ids.iter().map(|&id| dec.push(id).unwrap()).collect();
     let (last, before) = chunks.split_last().unwrap();
@@ -202,25 +180,14 @@ fn chat_template_jinja_file_wins_over_config() {
     for name in ["tokenizer.json", "tokenizer_config.json"] {
         std::fs::copy(fixtures().join("tok").join(name), dir.join(name)).unwrap();
     }
-    std::fs::write(
-        dir.join("chat_template.jinja"),
-        "{{ messages[0].content }}|{{ eos_token }}\n",
-    )
-    .unwrap();
+    std::fs::write(dir.join("chat_template.jinja"), "{{ messages[0].content }}|{{ eos_token }}\n").unwrap();
     let tok = Tokenizer::from_dir(&dir).unwrap().unwrap();
     let messages = serde_json::json!([{"role": "user", "content": "x"}]);
-    let out = tok
-        .chat_template()
-        .unwrap()
-        .apply(&messages, &Default::default())
-        .unwrap();
+    let out = tok.chat_template().unwrap().apply(&messages, &Default::default()).unwrap();
     // keep_trailing_newline is off, like HF.
     assert_eq!(out, "x|<|im_end|>");
     // No generation_config.json here: only tokenizer_config's eos_token.
-    assert_eq!(
-        tok.eos_token_ids(),
-        &[tok.token_to_id("<|im_end|>").unwrap()]
-    );
+    assert_eq!(tok.eos_token_ids(), &[tok.token_to_id("<|im_end|>").unwrap()]);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -231,12 +198,8 @@ fn from_bytes_config_errors_name_the_cause() {
     assert!(tok.eos_token_ids().is_empty());
     assert!(tok.chat_template().is_none());
 
-    let err =
-        Tokenizer::from_bytes(&json, Some(br#"{"eos_token": "<nope>"}"#), None, None).unwrap_err();
-    assert!(
-        matches!(err, TokenizerError::UnknownToken { ref token, .. } if token == "<nope>"),
-        "{err}"
-    );
+    let err = Tokenizer::from_bytes(&json, Some(br#"{"eos_token": "<nope>"}"#), None, None).unwrap_err();
+    assert!(matches!(err, TokenizerError::UnknownToken { ref token, .. } if token == "<nope>"), "{err}");
     let err = Tokenizer::from_bytes(&json, Some(b"{"), None, None).unwrap_err();
     assert!(matches!(err, TokenizerError::ConfigJson { .. }), "{err}");
     let err = Tokenizer::from_bytes(&json, None, None, Some("{% for %}")).unwrap_err();
@@ -253,14 +216,9 @@ fn real_qwen3_matches_transformers_when_available() {
         eprintln!("LVLLM_QWEN3_TOKENIZER not set: real Qwen3 check skipped");
         return;
     };
-    let tok = Tokenizer::from_dir(Path::new(&dir))
-        .unwrap()
-        .expect("tokenizer.json in LVLLM_QWEN3_TOKENIZER");
+    let tok = Tokenizer::from_dir(Path::new(&dir)).unwrap().expect("tokenizer.json in LVLLM_QWEN3_TOKENIZER");
     let expected = read_json(&fixtures().join("tok/qwen3_expected.json"));
-    assert_eq!(
-        tok.vocab_size() as u64,
-        expected["vocab_size"].as_u64().unwrap()
-    );
+    assert_eq!(tok.vocab_size() as u64, expected["vocab_size"].as_u64().unwrap());
     assert_eq!(tok.eos_token_ids(), &[151_645]);
     let failures = check_against_hf(&tok, &expected);
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -268,19 +226,12 @@ fn real_qwen3_matches_transformers_when_available() {
         check_incremental(&tok, &ids_of(case), false);
         check_incremental(&tok, &ids_of(case), true);
     }
-    let template =
-        std::fs::read_to_string(fixtures().join("chat/qwen3_chat_template.jinja")).unwrap();
+    let template = std::fs::read_to_string(fixtures().join("chat/qwen3_chat_template.jinja")).unwrap();
     let cases = read_json(&fixtures().join("chat/cases.json"));
     let case = &cases["cases"][0];
-    let opts = lvllm_engine::chat_template::ChatTemplateOptions {
-        add_generation_prompt: true,
-        ..Default::default()
-    };
+    let opts = lvllm_engine::chat_template::ChatTemplateOptions { add_generation_prompt: true, ..Default::default() };
     let qwen_template = tok.chat_template().expect("Qwen3 ships a chat template");
-    assert_eq!(
-        qwen_template.apply(&case["messages"], &opts).unwrap(),
-        case["expected"].as_str().unwrap()
-    );
+    assert_eq!(qwen_template.apply(&case["messages"], &opts).unwrap(), case["expected"].as_str().unwrap());
     assert!(template.contains("<|im_start|>"));
 }
 

@@ -32,14 +32,18 @@ impl ModelConfig {
             _ => None,
         };
         let arch = arch.or_else(|| {
-            v.get("model_type").and_then(|m| m.as_str()).and_then(|m| (m == "qwen3_moe").then(|| "Qwen3MoeForCausalLM".to_string()))
+            v.get("model_type")
+                .and_then(|m| m.as_str())
+                .and_then(|m| (m == "qwen3_moe").then(|| "Qwen3MoeForCausalLM".to_string()))
         });
         match arch.as_deref() {
             Some("Qwen3MoeForCausalLM") => {
                 let raw: RawQwen3Moe = serde_json::from_value(v).map_err(|e| err(e.to_string()))?;
                 Ok(ModelConfig::Qwen3Moe(raw.validate().map_err(err)?))
             }
-            Some(other) => Err(Error::UnsupportedArchitecture { found: other.to_string(), supported: SUPPORTED_ARCHITECTURES }),
+            Some(other) => {
+                Err(Error::UnsupportedArchitecture { found: other.to_string(), supported: SUPPORTED_ARCHITECTURES })
+            }
             None => Err(err("no `architectures` entry and no known `model_type`".into())),
         }
     }
@@ -129,7 +133,11 @@ impl RawRope {
                 mscale_all_dim: self.mscale_all_dim,
                 truncate: self.truncate,
             },
-            other => return Err(format!("`rope_scaling.rope_type` {other:?} is not supported yet (supported: default, linear, yarn)")),
+            other => {
+                return Err(format!(
+                    "`rope_scaling.rope_type` {other:?} is not supported yet (supported: default, linear, yarn)"
+                ))
+            }
         })
     }
 }
@@ -255,7 +263,9 @@ impl RawQwen3Moe {
     fn validate(self) -> std::result::Result<Qwen3MoeConfig, String> {
         if let Some(q) = &self.quantization_config {
             let method = q.get("quant_method").and_then(|m| m.as_str()).unwrap_or("unknown");
-            return Err(format!("`quantization_config` with quant_method {method:?}: quantized checkpoints are not supported yet"));
+            return Err(format!(
+                "`quantization_config` with quant_method {method:?}: quantized checkpoints are not supported yet"
+            ));
         }
         if self.hidden_act != "silu" {
             return Err(format!("`hidden_act` {:?} is not supported (Qwen3-MoE uses \"silu\")", self.hidden_act));
@@ -279,7 +289,9 @@ impl RawQwen3Moe {
         let head_dim = match self.head_dim {
             Some(h) => h,
             None if self.hidden_size % self.num_attention_heads == 0 => self.hidden_size / self.num_attention_heads,
-            None => return Err("`head_dim` is missing and `hidden_size` is not a multiple of `num_attention_heads`".into()),
+            None => {
+                return Err("`head_dim` is missing and `hidden_size` is not a multiple of `num_attention_heads`".into())
+            }
         };
         if head_dim == 0 || head_dim % 2 != 0 {
             return Err(format!("`head_dim` {head_dim} must be even and > 0 for RoPE"));
@@ -294,16 +306,15 @@ impl RawQwen3Moe {
             }
         }
         let rope_src = self.rope_scaling.as_ref().or(self.rope_parameters.as_ref());
-        let rope_theta = self
-            .rope_theta
-            .or_else(|| self.rope_parameters.as_ref().and_then(|r| r.rope_theta))
-            .unwrap_or(10000.0);
+        let rope_theta =
+            self.rope_theta.or_else(|| self.rope_parameters.as_ref().and_then(|r| r.rope_theta)).unwrap_or(10000.0);
         let rope_scaling = match rope_src {
             Some(r) => r.to_scaling()?,
             None => RopeScaling::None,
         };
-        let has_dense = (0..self.num_hidden_layers)
-            .any(|l| self.mlp_only_layers.contains(&l) || self.num_experts == 0 || (l + 1) % self.decoder_sparse_step != 0);
+        let has_dense = (0..self.num_hidden_layers).any(|l| {
+            self.mlp_only_layers.contains(&l) || self.num_experts == 0 || (l + 1) % self.decoder_sparse_step != 0
+        });
         let intermediate_size = match self.intermediate_size {
             Some(i) => i,
             None if !has_dense => 0,
@@ -387,7 +398,12 @@ mod tests {
 
     #[test]
     fn sparse_step_and_mlp_only_layers() {
-        let c = qwen(&REAL.replace(r#""decoder_sparse_step": 1"#, r#""decoder_sparse_step": 2"#).replace(r#""mlp_only_layers": []"#, r#""mlp_only_layers": [3]"#)).unwrap();
+        let c = qwen(
+            &REAL
+                .replace(r#""decoder_sparse_step": 1"#, r#""decoder_sparse_step": 2"#)
+                .replace(r#""mlp_only_layers": []"#, r#""mlp_only_layers": [3]"#),
+        )
+        .unwrap();
         let moe: Vec<usize> = (0..6).filter(|&l| c.is_moe_layer(l)).collect();
         assert_eq!(moe, vec![1, 5]);
     }
@@ -396,15 +412,22 @@ mod tests {
     fn errors_name_the_key() {
         let e = qwen(&REAL.replace(r#""hidden_size": 2048,"#, "")).unwrap_err().to_string();
         assert!(e.contains("hidden_size"), "{e}");
-        let e = qwen(&REAL.replace(r#""num_key_value_heads": 4"#, r#""num_key_value_heads": 5"#)).unwrap_err().to_string();
+        let e =
+            qwen(&REAL.replace(r#""num_key_value_heads": 4"#, r#""num_key_value_heads": 5"#)).unwrap_err().to_string();
         assert!(e.contains("num_key_value_heads"), "{e}");
-        let e = qwen(&REAL.replace(r#""num_experts_per_tok": 8"#, r#""num_experts_per_tok": 300"#)).unwrap_err().to_string();
+        let e = qwen(&REAL.replace(r#""num_experts_per_tok": 8"#, r#""num_experts_per_tok": 300"#))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("num_experts_per_tok"), "{e}");
-        let e = qwen(&REAL.replace(r#""rope_scaling": null"#, r#""rope_scaling": {"type": "dynamic", "factor": 2.0}"#)).unwrap_err().to_string();
+        let e = qwen(&REAL.replace(r#""rope_scaling": null"#, r#""rope_scaling": {"type": "dynamic", "factor": 2.0}"#))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("dynamic"), "{e}");
         let e = qwen(&REAL.replace(r#""hidden_size": 2048"#, r#""hidden_size": "big""#)).unwrap_err().to_string();
         assert!(e.contains("config.json"), "{e}");
-        let e = qwen(&REAL.replace("\"use_cache\": true", r#""quantization_config": {"quant_method": "fp8"}"#)).unwrap_err().to_string();
+        let e = qwen(&REAL.replace("\"use_cache\": true", r#""quantization_config": {"quant_method": "fp8"}"#))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("fp8"), "{e}");
         let e = ModelConfig::from_json(b"{", "x/config.json").unwrap_err().to_string();
         assert!(e.contains("x/config.json") && e.contains("JSON"), "{e}");

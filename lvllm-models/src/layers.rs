@@ -100,7 +100,9 @@ impl Embedding {
                 return Err(Error::Input(format!("token id {id} is outside the vocabulary of {vocab}")));
             }
             match self.weight.dtype() {
-                DType::BF16 => lvllm_kernels_cpu::matmul::bf16_to_f32(&self.weight.typed::<bf16>()?[id * h..(id + 1) * h], o),
+                DType::BF16 => {
+                    lvllm_kernels_cpu::matmul::bf16_to_f32(&self.weight.typed::<bf16>()?[id * h..(id + 1) * h], o)
+                }
                 _ => o.copy_from_slice(&self.weight.typed::<f32>()?[id * h..(id + 1) * h]),
             }
         }
@@ -152,7 +154,14 @@ pub struct AttnDims {
 
 /// Writes `k` and `v` (`[n, n_kv_heads * head_dim]`) of positions `positions` into
 /// the pages named by `block_table`.
-pub fn write_kv(cache: &mut PagedKv, block_table: &[u32], block_size: usize, positions: &[usize], k: &[f32], v: &[f32]) {
+pub fn write_kv(
+    cache: &mut PagedKv,
+    block_table: &[u32],
+    block_size: usize,
+    positions: &[usize],
+    k: &[f32],
+    v: &[f32],
+) {
     let w = cache.slot_width;
     for (i, &p) in positions.iter().enumerate() {
         let slot = block_table[p / block_size] as usize * block_size + p % block_size;
@@ -177,7 +186,8 @@ pub fn paged_attention(
     let mut out = vec![0f32; positions.len() * d.n_heads * hd];
     let mut scores = Vec::new();
     for (i, &p) in positions.iter().enumerate() {
-        let slots: Vec<usize> = (0..=p).map(|j| block_table[j / block_size] as usize * block_size + j % block_size).collect();
+        let slots: Vec<usize> =
+            (0..=p).map(|j| block_table[j / block_size] as usize * block_size + j % block_size).collect();
         for h in 0..d.n_heads {
             let kvh = h / group;
             let qh = &q[(i * d.n_heads + h) * hd..(i * d.n_heads + h + 1) * hd];

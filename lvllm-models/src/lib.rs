@@ -91,7 +91,9 @@ fn validate_batch(batch: &ForwardBatch<'_>, cache: &ModelCache, max_positions: u
         }
         let last = pos[pos.len() - 1];
         if last >= max_positions {
-            return Err(Error::Input(format!("sequence {i}: position {last} is beyond the model's {max_positions} positions")));
+            return Err(Error::Input(format!(
+                "sequence {i}: position {last} is beyond the model's {max_positions} positions"
+            )));
         }
         if last / cfg.block_size >= s.block_table.len() {
             return Err(Error::Input(format!(
@@ -100,7 +102,10 @@ fn validate_batch(batch: &ForwardBatch<'_>, cache: &ModelCache, max_positions: u
             )));
         }
         if let Some(&b) = s.block_table.iter().find(|&&b| b as usize >= cfg.num_blocks) {
-            return Err(Error::Input(format!("sequence {i}: block {b} is outside the cache's {} blocks", cfg.num_blocks)));
+            return Err(Error::Input(format!(
+                "sequence {i}: block {b} is outside the cache's {} blocks",
+                cfg.num_blocks
+            )));
         }
         start += s.len;
     }

@@ -160,7 +160,14 @@ impl Qwen3Moe {
                 let pos = &batch.positions[r.clone()];
                 let w = nkv * hd;
                 write_kv(kv, seq.block_table, block_size, pos, &k[r.start * w..r.end * w], &v[r.start * w..r.end * w]);
-                attn_out.extend(paged_attention(kv, seq.block_table, block_size, pos, &q[r.start * nh * hd..r.end * nh * hd], dims));
+                attn_out.extend(paged_attention(
+                    kv,
+                    seq.block_table,
+                    block_size,
+                    pos,
+                    &q[r.start * nh * hd..r.end * nh * hd],
+                    dims,
+                ));
                 start = r.end;
             }
             let o = layer.attn.o_proj.forward(&attn_out, n)?;
@@ -174,7 +181,12 @@ impl Qwen3Moe {
                 FeedForward::Dense(mlp) => mlp.forward(&f, n)?,
                 FeedForward::Sparse(moe) => {
                     let router_logits = moe.gate.forward(&f, n)?;
-                    let topk = lvllm_moe::softmax_topk(&router_logits, cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob);
+                    let topk = lvllm_moe::softmax_topk(
+                        &router_logits,
+                        cfg.num_experts,
+                        cfg.num_experts_per_tok,
+                        cfg.norm_topk_prob,
+                    );
                     let mut y = vec![0f32; n * h];
                     moe.experts.forward(&f, &topk, &mut y)?;
                     y

@@ -41,7 +41,9 @@ impl Rope {
                 let get_mscale = |scale: f64, m: f64| if scale <= 1.0 { 1.0 } else { 0.1 * m * scale.ln() + 1.0 };
                 let attn = match (attention_factor, mscale, mscale_all_dim) {
                     (Some(a), _, _) => *a,
-                    (None, Some(m), Some(ma)) if *m != 0.0 && *ma != 0.0 => get_mscale(factor, *m) / get_mscale(factor, *ma),
+                    (None, Some(m), Some(ma)) if *m != 0.0 && *ma != 0.0 => {
+                        get_mscale(factor, *m) / get_mscale(factor, *ma)
+                    }
                     _ => get_mscale(factor, 1.0),
                 };
                 let beta_fast = beta_fast.unwrap_or(32.0);

@@ -82,18 +82,23 @@ impl SafetensorsFile {
                 }
                 continue;
             }
-            let raw: RawInfo = serde_json::from_value(value)
-                .map_err(|e| corrupt(format!("tensor {key:?}: bad header entry: {e}")))?;
+            let raw: RawInfo =
+                serde_json::from_value(value).map_err(|e| corrupt(format!("tensor {key:?}: bad header entry: {e}")))?;
             let dtype = DType::from_safetensors_name(&raw.dtype)
                 .ok_or_else(|| corrupt(format!("tensor {key:?}: unsupported dtype {}", raw.dtype)))?;
             let [s, e] = raw.data_offsets;
             let shape = Shape::new(raw.shape);
             let need = dtype.bytes_for(shape.elem_count());
             if s > e || e > data_len {
-                return Err(corrupt(format!("tensor {key:?}: data offsets [{s}, {e}] outside the data area of {data_len} bytes")));
+                return Err(corrupt(format!(
+                    "tensor {key:?}: data offsets [{s}, {e}] outside the data area of {data_len} bytes"
+                )));
             }
             if e - s != need {
-                return Err(corrupt(format!("tensor {key:?}: {} bytes for {dtype} {shape}, which needs {need}", e - s)));
+                return Err(corrupt(format!(
+                    "tensor {key:?}: {} bytes for {dtype} {shape}, which needs {need}",
+                    e - s
+                )));
             }
             tensors.insert(key, TensorInfo { dtype, shape, start: data_start + s, end: data_start + e });
         }
@@ -161,7 +166,10 @@ impl WeightSource {
         if paths.is_empty() {
             return Err(Error::Io {
                 path: dir.join("model.safetensors"),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no *.safetensors file in the model directory"),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no *.safetensors file in the model directory",
+                ),
             });
         }
         let files = paths.iter().map(|p| SafetensorsFile::open(p)).collect::<Result<Vec<_>>>()?;

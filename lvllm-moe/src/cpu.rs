@@ -153,7 +153,9 @@ mod tests {
         for t in 0..2 {
             let x = &hidden[t * h..(t + 1) * h];
             for d in 0..h {
-                let want: f32 = (0..2).map(|j| topk.weights[t * 2 + j] * expert(&experts[topk.ids[t * 2 + j] as usize], x)[d]).sum();
+                let want: f32 = (0..2)
+                    .map(|j| topk.weights[t * 2 + j] * expert(&experts[topk.ids[t * 2 + j] as usize], x)[d])
+                    .sum();
                 assert!((out[t * h + d] - want).abs() < 1e-5, "token {t} dim {d}: {} vs {want}", out[t * h + d]);
             }
         }

@@ -1,2 +1,235 @@
-//! The lvllm binary.
-fn main() {}
+//! The `lvllm` binary: `lvllm generate` runs a model from the command line.
+//!
+//! This is the only crate that turns command-line flags (and, with the serving
+//! issue, YAML files and environment variables) into the engine's typed config.
+
+mod bundled;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand, ValueEnum};
+use lvllm_engine::{Device, Engine, Generation, Prompt, SamplingParams, TokenLogprobs, Tokenizer};
+use serde_json::json;
+
+#[derive(Parser, Debug)]
+#[command(name = "lvllm", version, about = "Serve huge MoE models on one box: experts on the CPU, the rest on the GPU")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Generate a completion for one prompt and print it.
+    Generate(GenerateArgs),
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Output {
+    /// The text as it is generated, timing on stderr.
+    Text,
+    /// One JSON object with token ids, text and logprobs.
+    Json,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum DeviceArg {
+    /// Everything on the CPU.
+    Cpu,
+    /// The GPU (not built yet).
+    Cuda,
+}
+
+#[derive(clap::Args, Debug)]
+struct GenerateArgs {
+    /// Hugging Face model directory (default: the tiny model bundled in the binary).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Prompt text.
+    #[arg(long, conflicts_with = "prompt_ids", required_unless_present = "prompt_ids")]
+    prompt: Option<String>,
+    /// Prompt as comma-separated token ids, e.g. `1,2,3`.
+    #[arg(long, value_delimiter = ',', num_args = 1..)]
+    prompt_ids: Option<Vec<u32>>,
+    /// Treat --prompt as a user message and apply the model's chat template.
+    #[arg(long, requires = "prompt")]
+    chat: bool,
+    /// Extra chat template variables as a JSON object, e.g. '{"enable_thinking": false}'.
+    #[arg(long, requires = "chat")]
+    chat_template_kwargs: Option<String>,
+    /// Maximum number of new tokens.
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Keep only the K most likely tokens.
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Nucleus sampling mass.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Drop tokens less likely than min-p × the most likely.
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    /// Random seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop strings (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Extra stop token ids, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    stop_token_ids: Vec<u32>,
+    /// Keep generating after end-of-sequence tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Return the top K logprobs of each generated token.
+    #[arg(long)]
+    logprobs: Option<usize>,
+    /// Return the top K logprobs of each prompt token.
+    #[arg(long)]
+    prompt_logprobs: Option<usize>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    output: Output,
+    /// Context limit in tokens (prompt + output).
+    #[arg(long)]
+    max_model_len: Option<usize>,
+    /// Where to run.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => generate(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    let mut builder = Engine::builder().device(match args.device {
+        DeviceArg::Cpu => Device::Cpu,
+        DeviceArg::Cuda => Device::Cuda(0),
+    });
+    builder = match &args.model {
+        Some(dir) => builder.model(dir),
+        None => builder.embedded(bundled::tiny_model()),
+    };
+    if let Some(n) = args.max_model_len {
+        builder = builder.max_model_len(n);
+    }
+    let engine = builder.build().context("loading the model")?;
+
+    let prompt = match (&args.prompt, &args.prompt_ids) {
+        (Some(text), _) if args.chat => {
+            let template_kwargs = match &args.chat_template_kwargs {
+                Some(s) => match serde_json::from_str(s) {
+                    Ok(serde_json::Value::Object(m)) => m,
+                    _ => bail!("--chat-template-kwargs must be a JSON object, got {s:?}"),
+                },
+                None => Default::default(),
+            };
+            Prompt::Chat(lvllm_engine::ChatPrompt {
+                messages: json!([{"role": "user", "content": text}]),
+                tools: None,
+                template_kwargs,
+            })
+        }
+        (Some(text), _) => Prompt::Text(text.clone()),
+        (None, Some(ids)) => Prompt::Tokens(ids.clone()),
+        (None, None) => bail!("give --prompt or --prompt-ids"),
+    };
+    let params = SamplingParams {
+        max_tokens: args.max_tokens,
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        min_p: args.min_p,
+        seed: args.seed,
+        stop_token_ids: args.stop_token_ids.clone(),
+        stop: args.stop.clone(),
+        ignore_eos: args.ignore_eos,
+        logprobs: args.logprobs,
+        prompt_logprobs: args.prompt_logprobs,
+        ..SamplingParams::default()
+    };
+
+    match args.output {
+        Output::Json => {
+            let g = engine.generate(prompt, &params)?;
+            println!("{}", serde_json::to_string(&to_json(&g, engine.tokenizer()))?);
+        }
+        Output::Text => {
+            let mut stream = engine.stream(prompt, &params)?;
+            let mut out = std::io::stdout().lock();
+            let with_text = engine.tokenizer().is_some();
+            let mut finish = None;
+            for delta in stream.by_ref() {
+                let d = delta?;
+                if with_text {
+                    write!(out, "{}", d.text)?;
+                } else {
+                    write!(out, "{} ", d.token_id)?;
+                }
+                out.flush()?;
+                finish = d.finish_reason;
+            }
+            writeln!(out)?;
+            let s = stream.stats();
+            let decode = s.decode_tokens_per_sec().map(|t| format!("{t:.1} tok/s")).unwrap_or_else(|| "n/a".into());
+            eprintln!(
+                "[{} prompt tokens in {:.1} ms, {} generated, decode {decode}, finish: {:?}]",
+                s.prompt_tokens,
+                s.prefill_secs * 1e3,
+                s.generated_tokens,
+                finish
+            );
+        }
+    }
+    Ok(())
+}
+
+fn logprob_entries(l: &TokenLogprobs, tok: Option<&Tokenizer>) -> serde_json::Value {
+    let entry = |id: u32, logprob: f32, rank: usize| {
+        let mut e = json!({"id": id, "logprob": logprob, "rank": rank});
+        if let Some(t) = tok {
+            e["token"] = json!(t.decode(&[id], false).unwrap_or_default());
+        }
+        e
+    };
+    let mut v: Vec<serde_json::Value> = l.top.iter().enumerate().map(|(i, t)| entry(t.id, t.logprob, i + 1)).collect();
+    if !l.top.iter().any(|t| t.id == l.token_id) {
+        v.push(entry(l.token_id, l.logprob, l.rank));
+    }
+    serde_json::Value::Array(v)
+}
+
+fn to_json(g: &Generation, tok: Option<&Tokenizer>) -> serde_json::Value {
+    json!({
+        "prompt_token_ids": g.prompt_token_ids,
+        "token_ids": g.token_ids,
+        "text": g.text,
+        "finish_reason": g.finish_reason,
+        "logprobs": g.logprobs.as_ref().map(|v| v.iter().map(|l| logprob_entries(l, tok)).collect::<Vec<_>>()),
+        "prompt_logprobs": g.prompt_logprobs.as_ref().map(|v| v.iter().map(|l| l.as_ref().map(|l| logprob_entries(l, tok))).collect::<Vec<_>>()),
+        "usage": {
+            "prompt_tokens": g.stats.prompt_tokens,
+            "completion_tokens": g.stats.generated_tokens,
+            "prefill_secs": g.stats.prefill_secs,
+            "decode_secs": g.stats.decode_secs,
+            "decode_tokens_per_sec": g.stats.decode_tokens_per_sec(),
+        },
+    })
+}

@@ -10,10 +10,10 @@
 
 mod dtype;
 mod error;
+pub mod ops;
 mod shape;
 mod storage;
 mod tensor;
-pub mod ops;
 
 pub use dtype::DType;
 pub use error::{Error, Result};

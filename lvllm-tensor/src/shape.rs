@@ -31,11 +31,7 @@ impl Shape {
     pub fn dims2(&self, op: &'static str) -> crate::Result<(usize, usize)> {
         match self.0.as_slice() {
             &[a, b] => Ok((a, b)),
-            _ => Err(crate::Error::ShapeMismatch {
-                op,
-                expected: "a matrix [rows, cols]".into(),
-                got: self.clone(),
-            }),
+            _ => Err(crate::Error::ShapeMismatch { op, expected: "a matrix [rows, cols]".into(), got: self.clone() }),
         }
     }
 }
