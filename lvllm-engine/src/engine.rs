@@ -10,10 +10,15 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use lvllm_models::{
-    CacheConfig, ForwardBatch, Logits, LogitsSelection, Model, ModelCache, ModelConfig, SafetensorsFile, SeqSpan,
-    WeightSource,
+    CacheConfig, ForwardBatch, LoadOptions, Logits, LogitsSelection, Model, ModelCache, ModelConfig, SafetensorsFile,
+    SeqSpan, WeightSource,
 };
+pub use lvllm_moe::{ExpertsOptions, MoeWeight};
+pub use lvllm_numa::Binding;
+use lvllm_numa::{Pool, PoolOptions, Topology};
 pub use lvllm_tensor::Device;
 
 use crate::chat_template::ChatTemplateOptions;
@@ -56,11 +61,30 @@ pub enum ModelSource {
     Embedded(EmbeddedModel),
 }
 
+/// The CPU worker pool that computes routed experts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ThreadOptions {
+    /// Worker threads (default: physical cores − 4, at least 1; seed env `LK_THREADS`).
+    pub count: Option<usize>,
+    /// Pin workers per core or per NUMA node (seed env `LK_THREAD_BINDING`).
+    pub binding: Binding,
+    /// Park idle workers at once instead of spinning (seed env `LK_POWER_SAVING`).
+    pub power_saving: bool,
+}
+
+impl Default for ThreadOptions {
+    fn default() -> Self {
+        ThreadOptions { count: None, binding: Binding::CpuCore, power_saving: false }
+    }
+}
+
 /// Configures and builds an [`Engine`].
 #[derive(Debug, Clone, Default)]
 pub struct EngineBuilder {
     source: Option<ModelSource>,
     device: Device,
+    threads: ThreadOptions,
+    moe_weight: MoeWeight,
     max_model_len: Option<usize>,
     kv_cache_bytes: Option<usize>,
     block_size: Option<usize>,
@@ -82,6 +106,18 @@ impl EngineBuilder {
     /// Where to run (default: CPU).
     pub fn device(mut self, device: Device) -> Self {
         self.device = device;
+        self
+    }
+
+    /// The CPU worker pool.
+    pub fn threads(mut self, threads: ThreadOptions) -> Self {
+        self.threads = threads;
+        self
+    }
+
+    /// Runtime format of routed experts (`moe_weight`).
+    pub fn moe_weight(mut self, weight: MoeWeight) -> Self {
+        self.moe_weight = weight;
         self
     }
 
@@ -138,7 +174,24 @@ impl EngineBuilder {
                 (config, WeightSource::from_files(vec![file]), tokenizer, m.name.to_string())
             }
         };
-        let model = Model::load(&config, &weights).map_err(Error::ModelLoad)?;
+        if self.threads.count == Some(0) {
+            return Err(Error::Config("threads must be at least 1".into()));
+        }
+        let topology = Topology::detect().map_err(|e| Error::Config(format!("reading the CPU topology: {e}")))?;
+        let pool = Pool::new(
+            &topology,
+            PoolOptions {
+                threads: self.threads.count,
+                binding: self.threads.binding,
+                power_saving: self.threads.power_saving,
+            },
+        )
+        .map_err(|e| Error::Config(format!("starting the worker pool: {e}")))?;
+        let load = LoadOptions {
+            pool: Arc::new(pool),
+            experts: ExpertsOptions { weight: self.moe_weight, ..ExpertsOptions::default() },
+        };
+        let model = Model::load(&config, &weights, &load).map_err(Error::ModelLoad)?;
 
         let block_size = self.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
         if block_size == 0 {

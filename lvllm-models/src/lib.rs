@@ -25,6 +25,16 @@ pub use config::ModelConfig;
 pub use error::{Error, Result};
 pub use safetensors::{SafetensorsFile, WeightSource};
 
+/// How to load a model: the worker pool that runs the CPU experts and their
+/// runtime format.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// The pool that computes routed experts.
+    pub pool: std::sync::Arc<lvllm_numa::Pool>,
+    /// Runtime format of routed experts.
+    pub experts: lvllm_moe::ExpertsOptions,
+}
+
 /// A loaded model of any supported architecture.
 #[derive(Debug)]
 #[non_exhaustive]
@@ -35,19 +45,19 @@ pub enum Model {
 
 impl Model {
     /// Builds the model `config` describes from the tensors of `src`.
-    pub fn load(config: &ModelConfig, src: &WeightSource) -> Result<Self> {
+    pub fn load(config: &ModelConfig, src: &WeightSource, opts: &LoadOptions) -> Result<Self> {
         match config {
-            ModelConfig::Qwen3Moe(c) => Ok(Model::Qwen3Moe(qwen3_moe::Qwen3Moe::load(c, src)?)),
+            ModelConfig::Qwen3Moe(c) => Ok(Model::Qwen3Moe(qwen3_moe::Qwen3Moe::load(c, src, opts)?)),
         }
     }
 
     /// Loads `config.json` and the safetensors of a Hugging Face model directory.
-    pub fn load_dir(dir: &Path) -> Result<(ModelConfig, Self)> {
+    pub fn load_dir(dir: &Path, opts: &LoadOptions) -> Result<(ModelConfig, Self)> {
         let path = dir.join("config.json");
         let bytes = std::fs::read(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
         let config = ModelConfig::from_json(&bytes, &path.display().to_string())?;
         let src = WeightSource::from_dir(dir)?;
-        let model = Self::load(&config, &src)?;
+        let model = Self::load(&config, &src, opts)?;
         Ok((config, model))
     }
 

@@ -8,14 +8,14 @@
 //! the embedding when `tie_word_embeddings`). Activations are f32, weights keep
 //! their checkpoint dtype, accumulation is f32.
 
-use lvllm_moe::{CpuExperts, ExpertWeights};
+use lvllm_moe::{CpuExperts, ExpertMatrix, ExpertWeights};
 
 use crate::cache::{LayerCache, LayerCacheSpec, Logits, LogitsSelection, ModelCache};
 use crate::config::Qwen3MoeConfig;
 use crate::layers::{paged_attention, write_kv, AttnDims, Embedding, Linear, Mlp, RmsNorm};
 use crate::rope::Rope;
 use crate::safetensors::WeightSource;
-use crate::{Error, ForwardBatch, Result};
+use crate::{Error, ForwardBatch, LoadOptions, Result};
 
 #[derive(Debug)]
 struct Attention {
@@ -60,7 +60,7 @@ pub struct Qwen3Moe {
 
 impl Qwen3Moe {
     /// Loads every tensor the config implies from `src`, checking shapes.
-    pub fn load(cfg: &Qwen3MoeConfig, src: &WeightSource) -> Result<Self> {
+    pub fn load(cfg: &Qwen3MoeConfig, src: &WeightSource, opts: &LoadOptions) -> Result<Self> {
         let (h, hd, nh, nkv) = (cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads);
         let eps = cfg.rms_norm_eps;
         let embed = Embedding::load(src, "model.embed_tokens.weight", cfg.vocab_size, h)?;
@@ -83,13 +83,20 @@ impl Qwen3Moe {
                     .map(|e| {
                         let ep = format!("{p}.mlp.experts.{e}");
                         Ok(ExpertWeights {
-                            gate: src.get_float(&format!("{ep}.gate_proj.weight"), &[i, h])?,
-                            up: src.get_float(&format!("{ep}.up_proj.weight"), &[i, h])?,
-                            down: src.get_float(&format!("{ep}.down_proj.weight"), &[h, i])?,
+                            gate: expert_matrix(src, &format!("{ep}.gate_proj"), i, h)?,
+                            up: expert_matrix(src, &format!("{ep}.up_proj"), i, h)?,
+                            down: expert_matrix(src, &format!("{ep}.down_proj"), h, i)?,
                         })
                     })
                     .collect::<Result<Vec<_>>>()?;
-                FeedForward::Sparse(SparseMoe { gate, experts: CpuExperts::new(experts, h, i)? })
+                let release = |w: &ExpertWeights| {
+                    for m in [&w.gate, &w.up, &w.down] {
+                        let (ExpertMatrix::Dense(t) | ExpertMatrix::Fp8 { weight: t, .. }) = m;
+                        t.release_pages();
+                    }
+                };
+                let experts = CpuExperts::new(opts.pool.clone(), experts, h, i, &opts.experts, release)?;
+                FeedForward::Sparse(SparseMoe { gate, experts })
             } else {
                 FeedForward::Dense(Mlp::load(src, &format!("{p}.mlp"), h, cfg.intermediate_size)?)
             };
@@ -218,4 +225,22 @@ impl Qwen3Moe {
         }
         Ok(Logits { rows, vocab: self.lm_head.out_features(), data })
     }
+}
+
+/// An expert projection by name: dense (`{name}.weight` in bf16/f16/f32) or FP8
+/// with `{name}.weight_scale_inv`.
+fn expert_matrix(src: &WeightSource, name: &str, rows: usize, cols: usize) -> Result<ExpertMatrix> {
+    let w = src.get(&format!("{name}.weight"))?;
+    if w.dtype() == lvllm_tensor::DType::F8E4M3 {
+        let scale_inv = src.get(&format!("{name}.weight_scale_inv"))?;
+        if w.dims() != [rows, cols] {
+            return Err(Error::TensorShape {
+                name: format!("{name}.weight"),
+                expected: [rows, cols].into(),
+                got: w.shape().clone(),
+            });
+        }
+        return Ok(ExpertMatrix::Fp8 { weight: w, scale_inv });
+    }
+    Ok(ExpertMatrix::Dense(src.get_float(&format!("{name}.weight"), &[rows, cols])?))
 }

@@ -4,7 +4,21 @@
 
 use std::path::PathBuf;
 
-use lvllm_models::{CacheConfig, ForwardBatch, LogitsSelection, Model, ModelCache, SeqSpan, WeightSource};
+use std::sync::Arc;
+
+use lvllm_models::{CacheConfig, ForwardBatch, LoadOptions, LogitsSelection, Model, ModelCache, SeqSpan, WeightSource};
+use lvllm_moe::{ExpertsOptions, MoeWeight};
+use lvllm_numa::{Binding, Pool, PoolOptions, Topology};
+
+fn load(dir: &std::path::Path, weight: MoeWeight) -> Model {
+    let pool = Pool::new(
+        &Topology::synthetic(1, 2, 1),
+        PoolOptions { threads: Some(2), binding: Binding::NumaNode, power_saving: false },
+    )
+    .unwrap();
+    let opts = LoadOptions { pool: Arc::new(pool), experts: ExpertsOptions { weight, ..Default::default() } };
+    Model::load_dir(dir, &opts).unwrap().1
+}
 
 /// Max |Δlogit| allowed, relative to the largest |logit| of the reference.
 const REL_TOL: f32 = 1e-4;
@@ -50,7 +64,7 @@ fn argmax(v: &[f32]) -> usize {
 
 fn check(name: &str) {
     let dir = fixture(name);
-    let (_, model) = Model::load_dir(&dir).unwrap();
+    let model = load(&dir, MoeWeight::ToDtype);
     let r = reference(&dir);
     let Model::Qwen3Moe(m) = &model else { unreachable!() };
     for (a, b) in m.rope().inv_freq().iter().zip(&r.inv_freq) {
@@ -105,7 +119,7 @@ fn qwen3_moe_yarn_step2_matches_hf() {
 #[test]
 fn chunked_and_batched_prefill_match_single_pass() {
     let dir = fixture("qwen3_moe_dense_tied");
-    let (_, model) = Model::load_dir(&dir).unwrap();
+    let model = load(&dir, MoeWeight::ToDtype);
     let r = reference(&dir);
     let t = r.prompt.len();
     let (mut cache, table) = cache_for(&model, t);
@@ -141,4 +155,60 @@ fn chunked_and_batched_prefill_match_single_pass() {
     };
     assert_eq!(both.row(0), alone(&r.prompt[..40]).as_slice());
     assert_eq!(both.row(1), alone(&r.prompt[40..]).as_slice());
+}
+
+/// `moe_weight: int4` against HF on the same int4-dequantized expert weights
+/// (`reference_int4.safetensors`, from `gen_int4_reference.py`).
+fn check_int4(name: &str) {
+    let dir = fixture(name);
+    let model = load(&dir, MoeWeight::Int4);
+    let r = reference(&dir);
+    let f = lvllm_models::SafetensorsFile::open(&dir.join("reference_int4.safetensors")).unwrap();
+    let src = WeightSource::from_files(vec![f]);
+    let want = src.get("logits").unwrap().to_f32_vec().unwrap();
+    let greedy: Vec<u32> = src.get("greedy_ids").unwrap().to_i64_vec().unwrap().into_iter().map(|v| v as u32).collect();
+    let t = r.prompt.len();
+    let (mut cache, table) = cache_for(&model, t + greedy.len());
+    let positions: Vec<usize> = (0..t).collect();
+    let seqs = [SeqSpan { len: t, block_table: &table, state_slot: None }];
+    let batch = ForwardBatch { tokens: &r.prompt, positions: &positions, seqs: &seqs, logits: LogitsSelection::All };
+    let logits = model.forward(&batch, &mut cache).unwrap();
+    let max_ref = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let max_abs = logits.data.iter().zip(&want).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+    println!("{name} int4: max |Δlogit| = {max_abs:.3e}, relative {:.3e}", max_abs / max_ref);
+    assert!(max_abs <= REL_TOL * max_ref, "{name} int4: max |Δlogit| {max_abs} exceeds {REL_TOL} × {max_ref}");
+    let mut next = argmax(logits.row(t - 1)) as u32;
+    let mut got = vec![next];
+    for step in 1..greedy.len() {
+        let pos = [t + step - 1];
+        let seqs = [SeqSpan { len: 1, block_table: &table, state_slot: None }];
+        let b = ForwardBatch { tokens: &[next], positions: &pos, seqs: &seqs, logits: LogitsSelection::LastPerSeq };
+        next = argmax(model.forward(&b, &mut cache).unwrap().row(0)) as u32;
+        got.push(next);
+    }
+    assert_eq!(got, greedy, "{name} int4: greedy continuation differs from HF");
+}
+
+#[test]
+fn int4_experts_match_hf_on_int4_weights() {
+    for name in ["qwen3_moe_sharded", "qwen3_moe_dense_tied", "qwen3_moe_yarn_step2"] {
+        check_int4(name);
+    }
+}
+
+/// `keep` and `to_dtype` of a bf16 checkpoint are the same bf16 path.
+#[test]
+fn keep_matches_to_dtype() {
+    let dir = fixture("qwen3_moe_sharded");
+    let r = reference(&dir);
+    let run = |w| {
+        let model = load(&dir, w);
+        let t = r.prompt.len();
+        let (mut cache, table) = cache_for(&model, t);
+        let positions: Vec<usize> = (0..t).collect();
+        let seqs = [SeqSpan { len: t, block_table: &table, state_slot: None }];
+        let b = ForwardBatch { tokens: &r.prompt, positions: &positions, seqs: &seqs, logits: LogitsSelection::All };
+        model.forward(&b, &mut cache).unwrap().data
+    };
+    assert_eq!(run(MoeWeight::Keep), run(MoeWeight::ToDtype));
 }

@@ -1,72 +1,430 @@
-//! Routed experts computed on the CPU.
+//! Routed experts on the CPU: load-time repacking into the kernel layout, split
+//! by output rows across NUMA nodes, and a three-phase forward on the worker pool.
 //!
-//! For each expert, the tokens routed to it are gathered, run through
-//! `down(silu(gate(x)) · up(x))`, scaled by their routing weight and added into the
-//! output. This is the correct, straightforward version; the CPU expert engine
-//! issue replaces its inner loops with repacked, NUMA-split, multi-threaded kernels
-//! behind the same `forward`.
+//! **Layout.** Per layer and NUMA node there is one region ([`HostBuffer`], bound to
+//! the node) holding, for every expert, the node's share of two packed matrices
+//! (see `lvllm_kernels_cpu::packed`):
+//! - `gate_up`: blocks of 32 rows, each = 16 rows of `gate_proj` followed by the
+//!   same 16 rows of `up_proj`, so one block yields 16 activations
+//!   `silu(gate)·up` without a second pass;
+//! - `down`: blocks of 32 rows of `down_proj`.
+//!
+//! Node `n` owns a contiguous range of `gate_up` blocks and of `down` blocks of
+//! every expert, proportional to its worker threads; no weight is stored twice.
+//!
+//! **Forward.** (1) tokens are grouped by expert and gathered; (2) `gate_up`:
+//! tasks (expert, block group) run on the node that owns the blocks and write
+//! activations; (3) `down`: likewise, writing each expert's output rows; (4) the
+//! routing-weighted sum per token. Phases are separated by the pool's barrier.
 
-use lvllm_tensor::{ops, HostTensor};
+use std::sync::{Arc, Mutex};
+
+use half::bf16;
+use lvllm_kernels_cpu::ops::silu;
+use lvllm_kernels_cpu::packed::{self, WeightFormat, BLOCK_ROWS};
+use lvllm_kernels_cpu::quant;
+use lvllm_numa::{HostBuffer, Placement, Pool};
+use lvllm_tensor::{DType, HostTensor};
 
 use crate::{Error, Result, TopK};
+
+/// Rows of `gate` (and of `up`) per `gate_up` block.
+const HALF: usize = BLOCK_ROWS / 2;
+
+/// Most tokens per register tile of the kernel; tokens are walked in tiles of this
+/// size so a tile's activations stay in L1 while a task's blocks stream by.
+const TOKEN_TILE: usize = 6;
+
+/// Most blocks one task handles. Large enough that a task's weights (8 blocks of
+/// 32 × 2048 bf16 = 1 MiB) fit L2 and are reused across token tiles, small
+/// enough to balance the decode case.
+const MAX_BLOCKS_PER_TASK: usize = 8;
+
+/// Tasks per thread the block grouping aims for (load balance vs. overhead).
+const TASKS_PER_THREAD: usize = 4;
+
+/// The runtime format of routed experts (`moe_weight`; seed env `LVLLM_MOE_USE_WEIGHT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum MoeWeight {
+    /// Dequantize quantized checkpoints to the model dtype; keep bf16/f16 as is.
+    #[default]
+    ToDtype,
+    /// Keep the checkpoint's format (bf16, f16, fp8).
+    Keep,
+    /// Quantize to symmetric int4 with group-32 scales at load.
+    Int4,
+}
+
+impl std::str::FromStr for MoeWeight {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "to_dtype" | "to-dtype" => Ok(MoeWeight::ToDtype),
+            "keep" => Ok(MoeWeight::Keep),
+            "int4" => Ok(MoeWeight::Int4),
+            _ => Err(format!("unknown moe weight format {s:?} (expected to_dtype, keep or int4)")),
+        }
+    }
+}
+
+/// Load-time options of [`CpuExperts`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpertsOptions {
+    /// Runtime weight format.
+    pub weight: MoeWeight,
+    /// Target of `to_dtype` (`Bf16` or `F16`).
+    pub dtype: WeightFormat,
+    /// Group size of `int4` scales.
+    pub int4_group: usize,
+}
+
+impl Default for ExpertsOptions {
+    fn default() -> Self {
+        ExpertsOptions { weight: MoeWeight::ToDtype, dtype: WeightFormat::Bf16, int4_group: 32 }
+    }
+}
+
+/// One projection of an expert as the checkpoint stores it.
+#[derive(Debug, Clone)]
+pub enum ExpertMatrix {
+    /// bf16, f16 or f32 weights `[rows, cols]`.
+    Dense(HostTensor),
+    /// FP8-E4M3 weights `[rows, cols]` with `weight_scale_inv` `[⌈rows/128⌉, ⌈cols/128⌉]`.
+    Fp8 {
+        /// The FP8 weights.
+        weight: HostTensor,
+        /// The block scales.
+        scale_inv: HostTensor,
+    },
+}
+
+impl ExpertMatrix {
+    fn dims(&self) -> &[usize] {
+        match self {
+            ExpertMatrix::Dense(t) | ExpertMatrix::Fp8 { weight: t, .. } => t.dims(),
+        }
+    }
+
+    fn shape_string(&self) -> lvllm_tensor::Shape {
+        match self {
+            ExpertMatrix::Dense(t) | ExpertMatrix::Fp8 { weight: t, .. } => t.shape().clone(),
+        }
+    }
+
+    /// The runtime format this source becomes under `opts`.
+    fn target(&self, opts: &ExpertsOptions) -> Result<WeightFormat> {
+        let src = match self {
+            ExpertMatrix::Dense(t) => t.dtype(),
+            ExpertMatrix::Fp8 { .. } => DType::F8E4M3,
+        };
+        Ok(match (opts.weight, src) {
+            (MoeWeight::Int4, _) => WeightFormat::Int4 { group: opts.int4_group },
+            (MoeWeight::Keep, DType::BF16) => WeightFormat::Bf16,
+            (MoeWeight::Keep, DType::F16) => WeightFormat::F16,
+            (MoeWeight::Keep, DType::F8E4M3) => WeightFormat::Fp8,
+            (MoeWeight::Keep, d) => {
+                return Err(Error::Input(format!(
+                    "expert weights of dtype {d} cannot be kept; use moe_weight to_dtype"
+                )))
+            }
+            (MoeWeight::ToDtype, DType::BF16) => WeightFormat::Bf16,
+            (MoeWeight::ToDtype, DType::F16) => WeightFormat::F16,
+            (MoeWeight::ToDtype, _) => opts.dtype,
+        })
+    }
+
+    /// Row `r` as f32 (dequantized for FP8).
+    fn row_f32(&self, r: usize, out: &mut [f32]) -> Result<()> {
+        let cols = self.dims()[1];
+        match self {
+            ExpertMatrix::Dense(t) => match t.dtype() {
+                DType::BF16 => {
+                    let v = t.typed::<bf16>()?;
+                    for (o, w) in out.iter_mut().zip(&v[r * cols..(r + 1) * cols]) {
+                        *o = w.to_f32();
+                    }
+                }
+                DType::F16 => {
+                    let v = t.typed::<half::f16>()?;
+                    for (o, w) in out.iter_mut().zip(&v[r * cols..(r + 1) * cols]) {
+                        *o = w.to_f32();
+                    }
+                }
+                DType::F32 => out.copy_from_slice(&t.typed::<f32>()?[r * cols..(r + 1) * cols]),
+                dtype => return Err(lvllm_tensor::Error::UnsupportedDType { op: "expert weights", dtype }.into()),
+            },
+            ExpertMatrix::Fp8 { weight, scale_inv } => {
+                let s = scale_inv.typed::<f32>()?;
+                let scales = quant::fp8_row_scales(&s, cols, r);
+                for (c, (o, &b)) in out.iter_mut().zip(&weight.as_bytes()[r * cols..(r + 1) * cols]).enumerate() {
+                    *o = quant::fp8_e4m3_to_f32(b) * scales[c / 128];
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check(&self, expert: usize, what: &'static str, rows: usize, cols: usize) -> Result<()> {
+        let shape_err =
+            || Error::ExpertShape { expert, what, got: self.shape_string(), expected: format!("[{rows}, {cols}]") };
+        if self.dims() != [rows, cols] {
+            return Err(shape_err());
+        }
+        if let ExpertMatrix::Fp8 { weight, scale_inv } = self {
+            if weight.dtype() != DType::F8E4M3 || scale_inv.dtype() != DType::F32 {
+                return Err(Error::Input(format!(
+                    "expert {expert} {what}: fp8 weights need F8_E4M3 data and F32 scales"
+                )));
+            }
+            if scale_inv.dims() != [rows.div_ceil(128), cols.div_ceil(128)] {
+                return Err(Error::ExpertShape {
+                    expert,
+                    what: "weight_scale_inv",
+                    got: scale_inv.shape().clone(),
+                    expected: format!("[{}, {}]", rows.div_ceil(128), cols.div_ceil(128)),
+                });
+            }
+        }
+        Ok(())
+    }
+}
 
 /// The three projections of one expert, as stored in Hugging Face checkpoints.
 #[derive(Debug, Clone)]
 pub struct ExpertWeights {
     /// `gate_proj`, `[intermediate, hidden]`.
-    pub gate: HostTensor,
+    pub gate: ExpertMatrix,
     /// `up_proj`, `[intermediate, hidden]`.
-    pub up: HostTensor,
+    pub up: ExpertMatrix,
     /// `down_proj`, `[hidden, intermediate]`.
-    pub down: HostTensor,
+    pub down: ExpertMatrix,
+}
+
+impl ExpertWeights {
+    /// An expert from three dense (bf16/f16/f32) tensors.
+    pub fn dense(gate: HostTensor, up: HostTensor, down: HostTensor) -> Self {
+        ExpertWeights { gate: ExpertMatrix::Dense(gate), up: ExpertMatrix::Dense(up), down: ExpertMatrix::Dense(down) }
+    }
+}
+
+/// One node's share of every expert.
+struct NodeShard {
+    /// `gate_up` blocks `[gu.start, gu.end)` and `down` blocks `[dn.start, dn.end)`.
+    gu: std::ops::Range<usize>,
+    dn: std::ops::Range<usize>,
+    /// Per expert: its gate_up blocks then its down blocks.
+    buf: HostBuffer,
+    expert_stride: usize,
+}
+
+/// Reusable forward buffers.
+#[derive(Default)]
+struct Scratch {
+    xg: Vec<f32>,
+    act: Vec<f32>,
+    y: Vec<f32>,
+    slot_of: Vec<usize>,
+    order: Vec<usize>,
 }
 
 /// One MoE layer's routed experts on the CPU.
-#[derive(Debug)]
 pub struct CpuExperts {
-    experts: Vec<ExpertWeights>,
+    pool: Arc<Pool>,
+    shards: Vec<NodeShard>,
+    n_experts: usize,
     hidden: usize,
     intermediate: usize,
+    gu_format: WeightFormat,
+    dn_format: WeightFormat,
+    gu_blocks: usize,
+    dn_blocks: usize,
+    scratch: Mutex<Scratch>,
+}
+
+impl std::fmt::Debug for CpuExperts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CpuExperts")
+            .field("n_experts", &self.n_experts)
+            .field("hidden", &self.hidden)
+            .field("intermediate", &self.intermediate)
+            .field("format", &self.gu_format)
+            .field("nodes", &self.shards.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Splits `n` blocks over nodes proportionally to `weights` (contiguous ranges).
+fn split(n: usize, weights: &[usize]) -> Vec<std::ops::Range<usize>> {
+    let total: usize = weights.iter().sum::<usize>().max(1);
+    let mut out = Vec::with_capacity(weights.len());
+    let mut acc = 0;
+    let mut start = 0;
+    for &w in weights {
+        acc += w;
+        let end = n * acc / total;
+        out.push(start..end);
+        start = end;
+    }
+    out
 }
 
 impl CpuExperts {
-    /// Checks every expert's shapes against `hidden` × `intermediate` and converts
-    /// weights to a dtype the kernels run on.
-    pub fn new(experts: Vec<ExpertWeights>, hidden: usize, intermediate: usize) -> Result<Self> {
-        let mut out = Vec::with_capacity(experts.len());
-        for (i, e) in experts.into_iter().enumerate() {
-            let check = |t: &HostTensor, what: &'static str, rows: usize, cols: usize| {
-                if t.dims() != [rows, cols] {
-                    return Err(Error::ExpertShape {
-                        expert: i,
-                        what,
-                        got: t.shape().clone(),
-                        expected: format!("[{rows}, {cols}]"),
-                    });
-                }
-                Ok(())
-            };
-            check(&e.gate, "gate_proj", intermediate, hidden)?;
-            check(&e.up, "up_proj", intermediate, hidden)?;
-            check(&e.down, "down_proj", hidden, intermediate)?;
-            out.push(ExpertWeights {
-                gate: ops::to_linear_dtype(e.gate)?,
-                up: ops::to_linear_dtype(e.up)?,
-                down: ops::to_linear_dtype(e.down)?,
-            });
+    /// Repacks a layer's experts into node-local regions of the kernel layout.
+    /// Experts are consumed one by one, so the caller can release each
+    /// checkpoint tensor's pages as soon as it is packed (`release` is called on
+    /// every source tensor after its expert is packed).
+    pub fn new(
+        pool: Arc<Pool>,
+        experts: Vec<ExpertWeights>,
+        hidden: usize,
+        intermediate: usize,
+        opts: &ExpertsOptions,
+        mut release: impl FnMut(&ExpertWeights),
+    ) -> Result<Self> {
+        let n_experts = experts.len();
+        if n_experts == 0 {
+            return Err(Error::Input("a MoE layer needs at least one expert".into()));
         }
-        Ok(CpuExperts { experts: out, hidden, intermediate })
+        for (i, e) in experts.iter().enumerate() {
+            e.gate.check(i, "gate_proj", intermediate, hidden)?;
+            e.up.check(i, "up_proj", intermediate, hidden)?;
+            e.down.check(i, "down_proj", hidden, intermediate)?;
+        }
+        let gu_format = experts[0].gate.target(opts)?;
+        let dn_format = experts[0].down.target(opts)?;
+        for f in [(gu_format, hidden), (dn_format, intermediate)] {
+            f.0.check(f.1).map_err(Error::Input)?;
+        }
+        let gu_blocks = intermediate.div_ceil(HALF);
+        let dn_blocks = hidden.div_ceil(BLOCK_ROWS);
+        let (gu_bb, dn_bb) = (gu_format.block_bytes(hidden), dn_format.block_bytes(intermediate));
+        let threads: Vec<usize> = (0..pool.num_nodes()).map(|n| pool.threads_on_node(n).max(1)).collect();
+        let mut shards = Vec::with_capacity(threads.len());
+        for (node, (gu, dn)) in split(gu_blocks, &threads).into_iter().zip(split(dn_blocks, &threads)).enumerate() {
+            let expert_stride = gu.len() * gu_bb + dn.len() * dn_bb;
+            let placement = if pool.num_nodes() > 1 {
+                Placement::Node(pool.node_id(node).unwrap_or(node))
+            } else {
+                Placement::Default
+            };
+            let buf = HostBuffer::new((expert_stride * n_experts).max(1), placement)
+                .map_err(|e| Error::Input(format!("allocating expert memory on node {node}: {e}")))?;
+            shards.push(NodeShard { gu, dn, buf, expert_stride });
+        }
+
+        let zero = vec![0f32; hidden.max(intermediate)];
+        let mut gate = vec![0f32; intermediate * hidden];
+        let mut up = vec![0f32; intermediate * hidden];
+        let mut down = vec![0f32; hidden * intermediate];
+        for (e, w) in experts.iter().enumerate() {
+            let fmt_of = |m: &ExpertMatrix| m.target(opts);
+            if fmt_of(&w.gate)? != gu_format || fmt_of(&w.up)? != gu_format || fmt_of(&w.down)? != dn_format {
+                return Err(Error::Input(format!("expert {e} is stored in another format than expert 0")));
+            }
+            for r in 0..intermediate {
+                w.gate.row_f32(r, &mut gate[r * hidden..(r + 1) * hidden])?;
+                w.up.row_f32(r, &mut up[r * hidden..(r + 1) * hidden])?;
+            }
+            for r in 0..hidden {
+                w.down.row_f32(r, &mut down[r * intermediate..(r + 1) * intermediate])?;
+            }
+            let fp8_keep = gu_format == WeightFormat::Fp8;
+            for shard in &mut shards {
+                let base = e * shard.expert_stride;
+                let bytes = shard.buf.as_mut_slice();
+                for (i, b) in shard.gu.clone().enumerate() {
+                    let dst = &mut bytes[base + i * gu_bb..base + (i + 1) * gu_bb];
+                    fn row<'a>(m: &'a [f32], zero: &'a [f32], r: usize, rows: usize, cols: usize) -> &'a [f32] {
+                        if r < rows {
+                            &m[r * cols..(r + 1) * cols]
+                        } else {
+                            &zero[..cols]
+                        }
+                    }
+                    if fp8_keep {
+                        pack_fp8_gate_up(w, b, hidden, intermediate, dst)?;
+                    } else {
+                        let rows: Vec<&[f32]> = (0..HALF)
+                            .map(|i| row(&gate, &zero, b * HALF + i, intermediate, hidden))
+                            .chain((0..HALF).map(|i| row(&up, &zero, b * HALF + i, intermediate, hidden)))
+                            .collect();
+                        packed::pack_block(gu_format, &rows, hidden, dst);
+                    }
+                }
+                let dn_base = base + shard.gu.len() * gu_bb;
+                for (i, b) in shard.dn.clone().enumerate() {
+                    let dst = &mut bytes[dn_base + i * dn_bb..dn_base + (i + 1) * dn_bb];
+                    let rows: Vec<usize> = (b * BLOCK_ROWS..((b + 1) * BLOCK_ROWS).min(hidden)).collect();
+                    if fp8_keep {
+                        let ExpertMatrix::Fp8 { weight, scale_inv } = &w.down else { unreachable!("checked format") };
+                        let s = scale_inv.typed::<f32>()?;
+                        let data: Vec<&[u8]> = rows
+                            .iter()
+                            .map(|&r| &weight.as_bytes()[r * intermediate..(r + 1) * intermediate])
+                            .collect();
+                        let sc: Vec<&[f32]> =
+                            rows.iter().map(|&r| quant::fp8_row_scales(&s, intermediate, r)).collect();
+                        packed::pack_block_fp8(&data, &sc, intermediate, dst);
+                    } else {
+                        let rs: Vec<&[f32]> =
+                            rows.iter().map(|&r| &down[r * intermediate..(r + 1) * intermediate]).collect();
+                        packed::pack_block(dn_format, &rs, intermediate, dst);
+                    }
+                }
+            }
+            release(w);
+        }
+        Ok(CpuExperts {
+            pool,
+            shards,
+            n_experts,
+            hidden,
+            intermediate,
+            gu_format,
+            dn_format,
+            gu_blocks,
+            dn_blocks,
+            scratch: Mutex::new(Scratch::default()),
+        })
     }
 
     /// Number of experts.
     pub fn n_experts(&self) -> usize {
-        self.experts.len()
+        self.n_experts
+    }
+
+    /// The runtime format of `gate_up` and `down`.
+    pub fn formats(&self) -> (WeightFormat, WeightFormat) {
+        (self.gu_format, self.dn_format)
+    }
+
+    /// Bytes the kernels read for one expert (data + scales, all three projections).
+    pub fn expert_bytes(&self) -> usize {
+        self.gu_blocks * self.gu_format.bytes_read(self.hidden)
+            + self.dn_blocks * self.dn_format.bytes_read(self.intermediate)
+    }
+
+    /// The node-local regions (pointer, length), e.g. for `cuMemHostRegister`.
+    pub fn regions(&self) -> Vec<(*const u8, usize)> {
+        self.shards.iter().map(|s| (s.buf.as_ptr(), s.buf.len())).collect()
+    }
+
+    fn gu_block<'a>(&'a self, shard: &'a NodeShard, e: usize, i: usize) -> &'a [u8] {
+        let bb = self.gu_format.block_bytes(self.hidden);
+        let off = e * shard.expert_stride + i * bb;
+        &shard.buf.as_slice()[off..off + bb]
+    }
+
+    fn dn_block<'a>(&'a self, shard: &'a NodeShard, e: usize, i: usize) -> &'a [u8] {
+        let bb = self.dn_format.block_bytes(self.intermediate);
+        let off = e * shard.expert_stride + shard.gu.len() * self.gu_format.block_bytes(self.hidden) + i * bb;
+        &shard.buf.as_slice()[off..off + bb]
     }
 
     /// `out[m, hidden] = Σ_j topk.weights[t, j] · expert_{topk.ids[t, j]}(hidden[t])`.
     pub fn forward(&self, hidden: &[f32], topk: &TopK, out: &mut [f32]) -> Result<()> {
-        let (h, m) = (self.hidden, topk.tokens());
-        if hidden.len() != m * h || out.len() != m * h {
+        let (h, m, k) = (self.hidden, topk.tokens(), topk.k);
+        if hidden.len() != m * h || out.len() != m * h || topk.weights.len() != topk.ids.len() {
             return Err(Error::Input(format!(
                 "{m} routed tokens need hidden and out of {} elements, got {} and {}",
                 m * h,
@@ -74,102 +432,376 @@ impl CpuExperts {
                 out.len()
             )));
         }
-        if let Some(&bad) = topk.ids.iter().find(|&&e| e as usize >= self.experts.len()) {
-            return Err(Error::Input(format!("expert id {bad} out of range (layer has {})", self.experts.len())));
+        if let Some(&bad) = topk.ids.iter().find(|&&e| e as usize >= self.n_experts) {
+            return Err(Error::Input(format!("expert id {bad} out of range (layer has {})", self.n_experts)));
         }
-        out.fill(0.0);
-        // Group (token, weight) pairs by expert, in expert order.
-        let mut groups: Vec<Vec<(usize, f32)>> = vec![Vec::new(); self.experts.len()];
-        for (slot, (&e, &w)) in topk.ids.iter().zip(&topk.weights).enumerate() {
-            groups[e as usize].push((slot / topk.k, w));
+        if m == 0 {
+            return Ok(());
         }
-        let i = self.intermediate;
-        let mut x = Vec::new();
-        let (mut g, mut u, mut y) = (Vec::new(), Vec::new(), Vec::new());
-        for (expert, group) in self.experts.iter().zip(&groups) {
-            let me = group.len();
-            if me == 0 {
-                continue;
-            }
-            x.clear();
-            for &(t, _) in group {
-                x.extend_from_slice(&hidden[t * h..(t + 1) * h]);
-            }
-            g.resize(me * i, 0.0);
-            u.resize(me * i, 0.0);
-            y.resize(me * h, 0.0);
-            ops::linear(&x, me, &expert.gate, &mut g)?;
-            ops::linear(&x, me, &expert.up, &mut u)?;
-            for (gv, uv) in g.iter_mut().zip(&u) {
-                *gv = lvllm_kernels_cpu::ops::silu(*gv) * uv;
-            }
-            ops::linear(&g, me, &expert.down, &mut y)?;
-            for (r, &(t, w)) in group.iter().enumerate() {
-                for (o, v) in out[t * h..(t + 1) * h].iter_mut().zip(&y[r * h..(r + 1) * h]) {
-                    *o += w * v;
+        let mut guard = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        let s = &mut *guard;
+        let n_slots = m * k;
+        // Group slots (token, j) by expert: counting sort.
+        let mut offsets = vec![0usize; self.n_experts + 1];
+        for &e in &topk.ids {
+            offsets[e as usize + 1] += 1;
+        }
+        for e in 0..self.n_experts {
+            offsets[e + 1] += offsets[e];
+        }
+        let mut fill = offsets.clone();
+        s.order.clear();
+        s.order.resize(n_slots, 0);
+        s.slot_of.clear();
+        s.slot_of.resize(n_slots, 0);
+        for (slot, &e) in topk.ids.iter().enumerate() {
+            let pos = fill[e as usize];
+            fill[e as usize] += 1;
+            s.order[pos] = slot / k;
+            s.slot_of[slot] = pos;
+        }
+        let active: Vec<(usize, usize, usize)> = (0..self.n_experts)
+            .filter(|&e| offsets[e + 1] > offsets[e])
+            .map(|e| (e, offsets[e], offsets[e + 1] - offsets[e]))
+            .collect();
+        // Gather inputs in expert order.
+        let i_pad = self.gu_blocks * HALF;
+        let h_pad = self.dn_blocks * BLOCK_ROWS;
+        s.xg.resize(n_slots * h, 0.0);
+        s.act.resize(n_slots * i_pad, 0.0);
+        s.y.resize(n_slots * h_pad, 0.0);
+        for (pos, &t) in s.order.iter().enumerate() {
+            s.xg[pos * h..(pos + 1) * h].copy_from_slice(&hidden[t * h..(t + 1) * h]);
+        }
+
+        // Phase 1: gate_up → activations.
+        let act = SharedOut(s.act.as_mut_ptr());
+        let xg = &s.xg;
+        self.run_phase(
+            &active,
+            |shard| shard.gu.len(),
+            |shard, (e, start, count), blocks| {
+                let mut tmp = [0f32; TOKEN_TILE * BLOCK_ROWS];
+                for t0 in (0..count).step_by(TOKEN_TILE) {
+                    let n = (count - t0).min(TOKEN_TILE);
+                    let x = &xg[(start + t0) * h..(start + t0 + n) * h];
+                    for i in blocks.clone() {
+                        packed::gemm_block(
+                            self.gu_format,
+                            self.gu_block(shard, e, i),
+                            h,
+                            x,
+                            h,
+                            n,
+                            &mut tmp[..n * BLOCK_ROWS],
+                            BLOCK_ROWS,
+                        );
+                        let col = (shard.gu.start + i) * HALF;
+                        for t in 0..n {
+                            let g = &tmp[t * BLOCK_ROWS..t * BLOCK_ROWS + HALF];
+                            let u = &tmp[t * BLOCK_ROWS + HALF..(t + 1) * BLOCK_ROWS];
+                            let row = (start + t0 + t) * i_pad + col;
+                            for c in 0..HALF {
+                                // SAFETY: this task alone writes columns col..col+16 of the
+                                // rows of its expert's slots; the buffer outlives the phase.
+                                unsafe { act.write(row + c, silu(g[c]) * u[c]) };
+                            }
+                        }
+                    }
+                }
+            },
+        );
+
+        // Phase 2: down → per-slot expert outputs.
+        let y = SharedOut(s.y.as_mut_ptr());
+        let act = &s.act;
+        let inter = self.intermediate;
+        self.run_phase(
+            &active,
+            |shard| shard.dn.len(),
+            |shard, (e, start, count), blocks| {
+                let mut tmp = [0f32; TOKEN_TILE * BLOCK_ROWS];
+                for t0 in (0..count).step_by(TOKEN_TILE) {
+                    let n = (count - t0).min(TOKEN_TILE);
+                    let x = &act[(start + t0) * i_pad..(start + t0 + n - 1) * i_pad + inter];
+                    for i in blocks.clone() {
+                        packed::gemm_block(
+                            self.dn_format,
+                            self.dn_block(shard, e, i),
+                            inter,
+                            x,
+                            i_pad,
+                            n,
+                            &mut tmp[..n * BLOCK_ROWS],
+                            BLOCK_ROWS,
+                        );
+                        let col = (shard.dn.start + i) * BLOCK_ROWS;
+                        for t in 0..n {
+                            let row = (start + t0 + t) * h_pad + col;
+                            for c in 0..BLOCK_ROWS {
+                                // SAFETY: this task alone writes columns col..col+32 of its
+                                // expert's slot rows; the buffer outlives the phase.
+                                unsafe { y.write(row + c, tmp[t * BLOCK_ROWS + c]) };
+                            }
+                        }
+                    }
+                }
+            },
+        );
+
+        // Phase 3: weighted sum per token.
+        let yv = &s.y;
+        let slot_of = &s.slot_of;
+        let combine = |t: usize, o: &mut [f32]| {
+            o.fill(0.0);
+            for j in 0..k {
+                let w = topk.weights[t * k + j];
+                let pos = slot_of[t * k + j];
+                for (ov, yv) in o.iter_mut().zip(&yv[pos * h_pad..pos * h_pad + h]) {
+                    *ov += w * yv;
                 }
             }
+        };
+        if m < self.pool.num_threads() * 4 {
+            for (t, o) in out.chunks_exact_mut(h).enumerate() {
+                combine(t, o);
+            }
+        } else {
+            let outp = SharedOut(out.as_mut_ptr());
+            self.pool.parallel_for(m, |_, t| {
+                let mut row = vec![0f32; h];
+                combine(t, &mut row);
+                for (c, v) in row.into_iter().enumerate() {
+                    // SAFETY: task t alone writes row t of `out`, which outlives the call.
+                    unsafe { outp.write(t * h + c, v) };
+                }
+            });
         }
         Ok(())
     }
+
+    /// Runs one phase: for every node, tasks = active experts × groups of the
+    /// node's blocks; `f(shard, expert, block range)` runs on that node's threads.
+    fn run_phase(
+        &self,
+        active: &[(usize, usize, usize)],
+        node_blocks: impl Fn(&NodeShard) -> usize + Sync,
+        f: impl Fn(&NodeShard, (usize, usize, usize), std::ops::Range<usize>) + Sync,
+    ) {
+        let groups: Vec<(usize, usize)> = self
+            .shards
+            .iter()
+            .enumerate()
+            .map(|(n, shard)| {
+                let nb = node_blocks(shard);
+                let threads = self.pool.threads_on_node(n).max(1);
+                let want = (threads * TASKS_PER_THREAD).div_ceil(active.len().max(1));
+                let per = nb.div_ceil(want.max(1)).clamp(1, MAX_BLOCKS_PER_TASK);
+                (per, nb.div_ceil(per))
+            })
+            .collect();
+        let tasks: Vec<usize> = groups.iter().map(|&(_, g)| g * active.len()).collect();
+        self.pool.parallel_for_nodes(&tasks, |ctx, task| {
+            let shard = &self.shards[ctx.node];
+            let (per, ngroups) = groups[ctx.node];
+            let (a, g) = (task / ngroups, task % ngroups);
+            let nb = node_blocks(shard);
+            f(shard, active[a], g * per..((g + 1) * per).min(nb));
+        });
+    }
+}
+
+/// A pointer into a buffer that tasks write disjoint parts of.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+
+// SAFETY: tasks write disjoint elements (each call site documents its partition)
+// and the buffer outlives the parallel phase that writes it.
+unsafe impl Send for SharedOut {}
+// SAFETY: as above.
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// # Safety
+    /// `i` is in bounds and no other thread accesses element `i` concurrently.
+    unsafe fn write(self, i: usize, v: f32) {
+        // SAFETY: forwarded contract.
+        unsafe { *self.0.add(i) = v }
+    }
+}
+
+/// Packs `gate_up` block `b` of an FP8 expert without requantizing.
+fn pack_fp8_gate_up(w: &ExpertWeights, b: usize, hidden: usize, intermediate: usize, dst: &mut [u8]) -> Result<()> {
+    let (ExpertMatrix::Fp8 { weight: gw, scale_inv: gs }, ExpertMatrix::Fp8 { weight: uw, scale_inv: us }) =
+        (&w.gate, &w.up)
+    else {
+        return Err(Error::Input("fp8 format needs fp8 gate and up projections".into()));
+    };
+    let (gs, us) = (gs.typed::<f32>()?, us.typed::<f32>()?);
+    let zeros = vec![0u8; hidden];
+    let zero_scales = vec![0f32; hidden.div_ceil(128)];
+    let mut data: Vec<&[u8]> = Vec::with_capacity(BLOCK_ROWS);
+    let mut sc: Vec<&[f32]> = Vec::with_capacity(BLOCK_ROWS);
+    for (m, s) in [(gw, &gs), (uw, &us)] {
+        for i in 0..HALF {
+            let r = b * HALF + i;
+            if r < intermediate {
+                data.push(&m.as_bytes()[r * hidden..(r + 1) * hidden]);
+                sc.push(quant::fp8_row_scales(s, hidden, r));
+            } else {
+                data.push(&zeros);
+                sc.push(&zero_scales);
+            }
+        }
+    }
+    packed::pack_block_fp8(&data, &sc, hidden, dst);
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lvllm_numa::{Binding, PoolOptions, Topology};
 
-    fn mat(rows: usize, cols: usize, f: impl Fn(usize, usize) -> f32) -> HostTensor {
-        let v: Vec<f32> = (0..rows * cols).map(|i| f(i / cols, i % cols)).collect();
+    fn pool(nodes: usize, cores: usize) -> Arc<Pool> {
+        let topo = Topology::synthetic(nodes, cores, 1);
+        Arc::new(
+            Pool::new(
+                &topo,
+                PoolOptions { threads: Some(nodes * cores), binding: Binding::NumaNode, power_saving: false },
+            )
+            .unwrap(),
+        )
+    }
+
+    fn mat(rows: usize, cols: usize, seed: u64) -> HostTensor {
+        let mut s = seed * 2654435761 + 1;
+        let v: Vec<bf16> = (0..rows * cols)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                bf16::from_f32(((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5)
+            })
+            .collect();
         HostTensor::from_slice(&v, [rows, cols]).unwrap()
     }
 
-    #[test]
-    fn weighted_sum_of_experts_matches_direct_computation() {
-        let (h, i) = (3, 2);
-        let experts: Vec<ExpertWeights> = (0..3)
-            .map(|e| ExpertWeights {
-                gate: mat(i, h, |r, c| 0.1 * (e + r + c) as f32),
-                up: mat(i, h, |r, c| 0.2 * (e as f32 - r as f32 + c as f32)),
-                down: mat(h, i, |r, c| 0.3 * (r * 2 + c + e) as f32 - 0.5),
-            })
-            .collect();
-        let layer = CpuExperts::new(experts.clone(), h, i).unwrap();
-        let hidden = [0.5, -1.0, 2.0, 1.0, 0.0, -0.5];
-        let topk = TopK { k: 2, ids: vec![2, 0, 1, 2], weights: vec![0.7, 0.3, 0.6, 0.4] };
-        let mut out = vec![0f32; 6];
-        layer.forward(&hidden, &topk, &mut out).unwrap();
+    fn experts(n: usize, h: usize, i: usize) -> Vec<ExpertWeights> {
+        (0..n as u64)
+            .map(|e| ExpertWeights::dense(mat(i, h, 3 * e), mat(i, h, 3 * e + 1), mat(h, i, 3 * e + 2)))
+            .collect()
+    }
 
-        let expert = |e: &ExpertWeights, x: &[f32]| -> Vec<f32> {
-            let (gw, uw, dw) = (e.gate.to_f32_vec().unwrap(), e.up.to_f32_vec().unwrap(), e.down.to_f32_vec().unwrap());
-            let a: Vec<f32> = (0..i)
-                .map(|r| {
-                    let g: f32 = (0..h).map(|c| gw[r * h + c] * x[c]).sum();
-                    let u: f32 = (0..h).map(|c| uw[r * h + c] * x[c]).sum();
-                    g / (1.0 + (-g).exp()) * u
-                })
-                .collect();
-            (0..h).map(|r| (0..i).map(|c| dw[r * i + c] * a[c]).sum()).collect()
+    /// Direct f64 evaluation from the dense tensors.
+    fn reference(ex: &[ExpertWeights], hidden: &[f32], topk: &TopK, h: usize, i: usize) -> Vec<f32> {
+        let dense = |m: &ExpertMatrix| match m {
+            ExpertMatrix::Dense(t) => t.to_f32_vec().unwrap(),
+            _ => unreachable!(),
         };
-        for t in 0..2 {
+        let mut out = vec![0f32; hidden.len()];
+        for t in 0..topk.tokens() {
             let x = &hidden[t * h..(t + 1) * h];
-            for d in 0..h {
-                let want: f32 = (0..2)
-                    .map(|j| topk.weights[t * 2 + j] * expert(&experts[topk.ids[t * 2 + j] as usize], x)[d])
-                    .sum();
-                assert!((out[t * h + d] - want).abs() < 1e-5, "token {t} dim {d}: {} vs {want}", out[t * h + d]);
+            for j in 0..topk.k {
+                let e = &ex[topk.ids[t * topk.k + j] as usize];
+                let (g, u, d) = (dense(&e.gate), dense(&e.up), dense(&e.down));
+                let a: Vec<f64> = (0..i)
+                    .map(|r| {
+                        let gv: f64 = (0..h).map(|c| g[r * h + c] as f64 * x[c] as f64).sum();
+                        let uv: f64 = (0..h).map(|c| u[r * h + c] as f64 * x[c] as f64).sum();
+                        gv / (1.0 + (-gv).exp()) * uv
+                    })
+                    .collect();
+                for r in 0..h {
+                    let y: f64 = (0..i).map(|c| d[r * i + c] as f64 * a[c]).sum();
+                    out[t * h + r] += (topk.weights[t * topk.k + j] as f64 * y) as f32;
+                }
             }
+        }
+        out
+    }
+
+    fn routing(m: usize, n: usize, k: usize) -> TopK {
+        let mut ids = Vec::new();
+        let mut weights = Vec::new();
+        for t in 0..m {
+            for j in 0..k {
+                ids.push(((t * 7 + j * 3) % n) as u32);
+                weights.push(0.1 + 0.2 * j as f32);
+            }
+        }
+        TopK { k, ids, weights }
+    }
+
+    #[test]
+    fn matches_direct_computation_on_one_and_several_nodes() {
+        let (h, i, n, k) = (96, 40, 6, 2);
+        let ex = experts(n, h, i);
+        let m = 9;
+        let hidden: Vec<f32> = (0..m * h).map(|v| ((v * 37 % 101) as f32 / 50.0) - 1.0).collect();
+        let topk = routing(m, n, k);
+        let want = reference(&ex, &hidden, &topk, h, i);
+        let mut results = Vec::new();
+        for (nodes, cores) in [(1, 1), (1, 3), (2, 2), (3, 1)] {
+            let layer =
+                CpuExperts::new(pool(nodes, cores), ex.clone(), h, i, &ExpertsOptions::default(), |_| {}).unwrap();
+            // Every block is owned by exactly one node.
+            let gu: Vec<usize> = layer.shards.iter().flat_map(|s| s.gu.clone()).collect();
+            let dn: Vec<usize> = layer.shards.iter().flat_map(|s| s.dn.clone()).collect();
+            assert_eq!(gu, (0..layer.gu_blocks).collect::<Vec<_>>());
+            assert_eq!(dn, (0..layer.dn_blocks).collect::<Vec<_>>());
+            let mut out = vec![f32::NAN; m * h];
+            layer.forward(&hidden, &topk, &mut out).unwrap();
+            for (a, b) in out.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{nodes}x{cores}: {a} vs {b}");
+            }
+            results.push(out);
+        }
+        // Node splits change who computes a block, not what it computes.
+        for r in &results[1..] {
+            assert_eq!(r, &results[0]);
+        }
+    }
+
+    #[test]
+    fn int4_and_fp8_formats_track_the_dense_result() {
+        let (h, i, n, k) = (128, 64, 4, 2);
+        let ex = experts(n, h, i);
+        let m = 3;
+        let hidden: Vec<f32> = (0..m * h).map(|v| ((v * 13 % 29) as f32 / 14.0) - 1.0).collect();
+        let topk = routing(m, n, k);
+        let want = reference(&ex, &hidden, &topk, h, i);
+        let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+        for (weight, tol) in [(MoeWeight::Keep, 1e-5), (MoeWeight::Int4, 0.15)] {
+            let opts = ExpertsOptions { weight, ..Default::default() };
+            let layer = CpuExperts::new(pool(1, 2), ex.clone(), h, i, &opts, |_| {}).unwrap();
+            let mut out = vec![0f32; m * h];
+            layer.forward(&hidden, &topk, &mut out).unwrap();
+            let err = out.iter().zip(&want).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+            assert!(err <= tol * scale, "{weight:?}: max error {err} vs scale {scale}");
         }
     }
 
     #[test]
     fn bad_inputs_are_errors() {
-        let e = ExpertWeights { gate: mat(2, 3, |_, _| 0.0), up: mat(2, 3, |_, _| 0.0), down: mat(2, 3, |_, _| 0.0) };
-        let err = CpuExperts::new(vec![e], 3, 2).unwrap_err();
-        assert!(err.to_string().contains("down_proj"), "{err}");
-        let ok = ExpertWeights { gate: mat(2, 3, |_, _| 0.0), up: mat(2, 3, |_, _| 0.0), down: mat(3, 2, |_, _| 0.0) };
-        let layer = CpuExperts::new(vec![ok], 3, 2).unwrap();
+        let (h, i) = (8, 4);
+        let mut ex = experts(2, h, i);
+        ex[1].down = ExpertMatrix::Dense(mat(i, h, 9));
+        let e = CpuExperts::new(pool(1, 1), ex, h, i, &ExpertsOptions::default(), |_| {}).unwrap_err();
+        assert!(e.to_string().contains("expert 1") && e.to_string().contains("down_proj"), "{e}");
+        let layer = CpuExperts::new(pool(1, 1), experts(2, h, i), h, i, &ExpertsOptions::default(), |_| {}).unwrap();
         let topk = TopK { k: 1, ids: vec![5], weights: vec![1.0] };
-        let mut out = vec![0f32; 3];
-        assert!(layer.forward(&[0.0; 3], &topk, &mut out).is_err());
+        let mut out = vec![0f32; h];
+        assert!(layer.forward(&[0.0; 8], &topk, &mut out).unwrap_err().to_string().contains("out of range"));
+        let f32_keep = ExpertsOptions { weight: MoeWeight::Keep, ..Default::default() };
+        let f32_experts: Vec<ExpertWeights> = (0..2)
+            .map(|_| {
+                let t = |r, c| HostTensor::from_slice(&vec![0f32; r * c], [r, c]).unwrap();
+                ExpertWeights::dense(t(i, h), t(i, h), t(h, i))
+            })
+            .collect();
+        let e = CpuExperts::new(pool(1, 1), f32_experts, h, i, &f32_keep, |_| {}).unwrap_err();
+        assert!(e.to_string().contains("to_dtype"), "{e}");
+        assert!("INT4".parse::<MoeWeight>().is_ok() && "int8".parse::<MoeWeight>().is_err());
     }
 }

@@ -2,7 +2,9 @@
 //!
 //! Three axes, each in one place:
 //! - [`router`]: from router logits to top-k expert ids and weights;
-//! - [`cpu`]: the routed experts computed on the CPU ([`CpuExperts`]);
+//! - [`cpu`]: the routed experts computed on the CPU ([`CpuExperts`]): repacked
+//!   into the kernel layout (bf16, f16, fp8, int4), split by rows over NUMA nodes,
+//!   run on the `lvllm_numa` worker pool;
 //! - placement (which layer's experts live on CPU, GPU, or are streamed) arrives
 //!   with the hybrid issue.
 //!
@@ -14,7 +16,7 @@
 pub mod cpu;
 pub mod router;
 
-pub use cpu::{CpuExperts, ExpertWeights};
+pub use cpu::{CpuExperts, ExpertMatrix, ExpertWeights, ExpertsOptions, MoeWeight};
 pub use router::{softmax_topk, TopK};
 
 /// Errors of `lvllm-moe`.

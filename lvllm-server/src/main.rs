@@ -11,7 +11,9 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
-use lvllm_engine::{Device, Engine, Generation, Prompt, SamplingParams, TokenLogprobs, Tokenizer};
+use lvllm_engine::{
+    Binding, Device, Engine, Generation, MoeWeight, Prompt, SamplingParams, ThreadOptions, TokenLogprobs, Tokenizer,
+};
 use serde_json::json;
 
 #[derive(Parser, Debug)]
@@ -102,6 +104,30 @@ struct GenerateArgs {
     /// Where to run.
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     device: DeviceArg,
+    /// Runtime format of routed experts: to_dtype, keep or int4.
+    #[arg(long, default_value = "to_dtype", value_parser = parse_moe_weight)]
+    moe_weight: MoeWeight,
+    /// CPU worker threads for the experts (default: physical cores − 4, at least 1).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Pin expert workers per physical core or per NUMA node.
+    #[arg(long, value_enum, default_value_t = BindingArg::CpuCore)]
+    thread_binding: BindingArg,
+    /// Park idle expert workers at once instead of spinning.
+    #[arg(long)]
+    power_saving: bool,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum BindingArg {
+    /// One worker per physical core.
+    CpuCore,
+    /// Workers float within their NUMA node.
+    NumaNode,
+}
+
+fn parse_moe_weight(s: &str) -> Result<MoeWeight, String> {
+    s.parse()
 }
 
 fn main() -> ExitCode {
@@ -119,10 +145,21 @@ fn main() -> ExitCode {
 }
 
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
-    let mut builder = Engine::builder().device(match args.device {
-        DeviceArg::Cpu => Device::Cpu,
-        DeviceArg::Cuda => Device::Cuda(0),
-    });
+    let threads = ThreadOptions {
+        count: args.threads,
+        binding: match args.thread_binding {
+            BindingArg::CpuCore => Binding::CpuCore,
+            BindingArg::NumaNode => Binding::NumaNode,
+        },
+        power_saving: args.power_saving,
+    };
+    let mut builder = Engine::builder()
+        .device(match args.device {
+            DeviceArg::Cpu => Device::Cpu,
+            DeviceArg::Cuda => Device::Cuda(0),
+        })
+        .threads(threads)
+        .moe_weight(args.moe_weight);
     builder = match &args.model {
         Some(dir) => builder.model(dir),
         None => builder.embedded(bundled::tiny_model()),

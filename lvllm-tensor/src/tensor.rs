@@ -118,6 +118,29 @@ impl HostTensor {
         HostTensor { dtype: self.dtype, shape: self.shape, storage: HostStorage::Owned(buf) }
     }
 
+    /// Tells the OS it may drop the pages of a memory-mapped view (they are
+    /// re-read from the file if touched again). Loaders call this once a
+    /// checkpoint tensor has been repacked, so peak memory stays near the final
+    /// weights' size. A no-op for owned or static storage.
+    pub fn release_pages(&self) {
+        #[cfg(unix)]
+        if let HostStorage::View { backing, offset, len } = &self.storage {
+            if let Backing::Mmap(m) = &**backing {
+                const PAGE: usize = 4096;
+                let start = offset.next_multiple_of(PAGE);
+                let end = (offset + len) / PAGE * PAGE;
+                if end > start {
+                    // SAFETY: the mapping is a read-only private file mapping that
+                    // nobody writes; MADV_DONTNEED only drops its resident pages, and a
+                    // later read faults the same bytes back in from the file. Only whole
+                    // pages inside this tensor's range are advised (other tensors' bytes
+                    // on the edge pages are untouched).
+                    let _ = unsafe { m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
+                }
+            }
+        }
+    }
+
     /// All elements converted to f32 (float dtypes only).
     pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
         let b = self.as_bytes();
