@@ -3,7 +3,7 @@
 //! This is the only crate that turns command-line flags (and, with the serving
 //! issue, YAML files and environment variables) into the engine's typed config.
 
-mod bundled;
+use lvllm_server::bundled;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -66,16 +66,16 @@ struct GenerateArgs {
     #[arg(long, default_value_t = 64)]
     max_tokens: usize,
     /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     temperature: f32,
     /// Keep only the K most likely tokens.
     #[arg(long)]
     top_k: Option<usize>,
     /// Nucleus sampling mass.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     top_p: f32,
     /// Drop tokens less likely than min-p × the most likely.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     min_p: f32,
     /// Random seed.
     #[arg(long)]

@@ -1,0 +1,88 @@
+//! The `lvllm` command line: output formats and clear errors for bad input.
+
+use std::process::{Command, Output};
+
+fn lvllm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lvllm")).args(args).output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn generate_json_with_logprobs() {
+    let o = lvllm(&[
+        "generate", "--prompt", "The capital of France is", "--max-tokens", "5", "--ignore-eos", "--logprobs", "2",
+        "--prompt-logprobs", "1", "--output", "json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["token_ids"].as_array().unwrap().len(), 5);
+    assert!(v["text"].is_string());
+    assert_eq!(v["finish_reason"], "length");
+    let lp = v["logprobs"].as_array().unwrap();
+    assert_eq!(lp.len(), 5);
+    // Top-2 candidates per position (the greedy token is the first), each with id and logprob.
+    assert_eq!(lp[0][0]["id"], v["token_ids"][0]);
+    assert!(lp[0].as_array().unwrap().len() == 2 && lp[0][0]["logprob"].as_f64().unwrap() <= 0.0);
+    let plp = v["prompt_logprobs"].as_array().unwrap();
+    assert!(plp[0].is_null());
+    assert_eq!(plp.len(), v["prompt_token_ids"].as_array().unwrap().len());
+}
+
+#[test]
+fn generate_chat_text() {
+    let o = lvllm(&[
+        "generate", "--chat", "--prompt", "Hello, who are you?", "--chat-template-kwargs", r#"{"enable_thinking": false}"#,
+        "--max-tokens", "12",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8(o.stdout.clone()).unwrap();
+    assert!(text.starts_with("Hello! I am Tiny"), "{text}");
+    assert!(stderr(&o).contains("tok/s"));
+}
+
+#[test]
+fn prompt_ids_without_tokenizer_model() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/qwen3_moe_sharded");
+    let o = lvllm(&["generate", "--model", dir, "--prompt-ids", "1,2,3", "--max-tokens", "3", "--ignore-eos", "--output", "json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["text"].is_null());
+    assert_eq!(v["prompt_token_ids"], serde_json::json!([1, 2, 3]));
+    let o = lvllm(&["generate", "--model", dir, "--prompt", "hi"]);
+    assert!(!o.status.success() && stderr(&o).contains("tokenizer"), "{}", stderr(&o));
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["generate", "--prompt-ids", "1,x"], "invalid value 'x'"),
+        (&["generate"], "--prompt"),
+        (&["generate", "--prompt", "a", "--prompt-ids", "1"], "cannot be used with"),
+        (&["generate", "--prompt", "a", "--model", "/nonexistent/model"], "/nonexistent/model/config.json"),
+        (&["generate", "--prompt", "a", "--device", "cuda"], "CUDA backend is not built yet"),
+        (&["generate", "--prompt", "a b c d e f g h", "--max-model-len", "4"], "too long"),
+        (&["generate", "--prompt", "a", "--temperature", "-1"], "temperature"),
+        (&["generate", "--prompt", "a", "--top-p", "0"], "top_p"),
+        (&["generate", "--prompt", "a", "--moe-weight", "int8"], "unknown moe weight format"),
+        (&["generate", "--prompt", "a", "--threads", "0"], "threads"),
+        (&["generate", "--chat", "--prompt", "a", "--chat-template-kwargs", "nope"], "JSON object"),
+        (&["generate", "--prompt", "a", "--max-model-len", "999999"], "max_position_embeddings"),
+        (&["serve"], "unrecognized subcommand"),
+    ];
+    for (args, needle) in cases {
+        let o = lvllm(args);
+        assert!(!o.status.success(), "{args:?} should fail");
+        let e = stderr(&o);
+        assert!(e.contains(needle), "{args:?}: stderr lacks {needle:?}:\n{e}");
+        assert!(!e.contains("panicked"), "{args:?} panicked:\n{e}");
+    }
+}
+
+#[test]
+fn moe_weight_int4_runs() {
+    let o = lvllm(&["generate", "--prompt", "7 plus 5 is", "--max-tokens", "4", "--moe-weight", "int4", "--threads", "1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
