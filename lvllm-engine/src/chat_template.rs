@@ -763,7 +763,7 @@ fn strftime_utc(format: &str, secs: u64) -> String {
                 let _ = write!(out, "{v:0width$}");
             }
         };
-        let hour12 = if t.hour % 12 == 0 { 12 } else { t.hour % 12 };
+        let hour12 = if t.hour.is_multiple_of(12) { 12 } else { t.hour % 12 };
         match spec {
             Some('Y') => {
                 let _ = write!(out, "{}", t.year);

@@ -11,7 +11,11 @@
 //! |---|---|---|
 //! | `Bf16`, `F16` | `k × 32 × 2` bytes | none |
 //! | `Fp8` (E4M3) | `k × 32` bytes | `⌈k/128⌉ × 32` f32 (× 256, see `F32x16::load_fp8_div256`) |
-//! | `Int4 { group }` | `k × 16` bytes: byte `j` = row `j` (low nibble) and row `j+16` (high), value `q + 8` | `⌈k/group⌉ × 32` bf16 |
+//! | `Int4 { group }` | `⌈k/4⌉ × 64` bytes: per quad of 4 columns, byte `4r + c` holds row `r` (low nibble) and row `r+16` (high nibble) at column `4·quad + c`, value `q + 8` | `⌈k/group⌉ × 32` bf16 |
+//!
+//! The int4 quad layout puts each row's four consecutive `k` values in one 32-bit
+//! lane, which is what `vpdpbusd` (AVX512-VNNI) multiplies against four int8
+//! activations; the f32 path shifts the wanted byte out of each lane.
 //!
 //! [`gemm_block`] computes `out[t, r] = Σ_k x[t, k] · W[r, k]` for one block and up
 //! to any number of tokens, in register tiles of up to six tokens, accumulating in
@@ -60,7 +64,7 @@ impl WeightFormat {
         match self {
             WeightFormat::Bf16 | WeightFormat::F16 => k * BLOCK_ROWS * 2,
             WeightFormat::Fp8 => k * BLOCK_ROWS,
-            WeightFormat::Int4 { .. } => k * BLOCK_ROWS / 2,
+            WeightFormat::Int4 { .. } => k.div_ceil(4) * 64,
         }
     }
 
@@ -90,8 +94,8 @@ impl WeightFormat {
             return Err("k must be > 0".into());
         }
         match self {
-            WeightFormat::Int4 { group } if group == 0 || group % 2 != 0 => {
-                Err(format!("int4 group size {group} must be a positive even number"))
+            WeightFormat::Int4 { group } if group == 0 || group % 4 != 0 => {
+                Err(format!("int4 group size {group} must be a positive multiple of 4"))
             }
             _ => Ok(()),
         }
@@ -150,7 +154,7 @@ pub fn pack_block(format: WeightFormat, rows: &[&[f32]], k: usize, dst: &mut [u8
                     for kk in ks.clone() {
                         let q = if s > 0.0 { (w(r, kk) / s).round_ties_even().clamp(-8.0, 7.0) as i32 } else { 0 };
                         let nib = (q + 8) as u8;
-                        let byte = &mut data[kk * 16 + r % 16];
+                        let byte = &mut data[int4_byte(kk, r)];
                         *byte |= if r < 16 { nib } else { nib << 4 };
                     }
                     scales[(g * BLOCK_ROWS + r) * 2..][..2].copy_from_slice(&scale.to_le_bytes());
@@ -158,6 +162,12 @@ pub fn pack_block(format: WeightFormat, rows: &[&[f32]], k: usize, dst: &mut [u8
             }
         }
     }
+}
+
+/// Byte of the int4 quad layout holding row `r` at column `kk`.
+#[inline]
+fn int4_byte(kk: usize, r: usize) -> usize {
+    (kk / 4) * 64 + (r % 16) * 4 + kk % 4
 }
 
 /// Packs up to 32 rows of an FP8-E4M3 checkpoint as `Fp8` without requantizing:
@@ -206,7 +216,7 @@ pub fn dequant_block(format: WeightFormat, block: &[u8], k: usize) -> Vec<f32> {
                 WeightFormat::Int4 { group } => {
                     let g = kk / group;
                     let s = bf16::from_le_bytes([scales[(g * 32 + r) * 2], scales[(g * 32 + r) * 2 + 1]]).to_f32();
-                    let b = data[kk * 16 + r % 16];
+                    let b = data[int4_byte(kk, r)];
                     let nib = if r < 16 { b & 15 } else { b >> 4 };
                     (nib as i32 - 8) as f32 * s
                 }
@@ -413,9 +423,9 @@ impl<const G: usize> Layout for Int4L<G> {
     const GROUP: usize = G;
     #[inline(always)]
     unsafe fn column<V: F32x16>(data: *const u8, kk: usize) -> (V, V) {
-        // SAFETY: column kk is 16 bytes at kk * 16 inside the block.
+        // SAFETY: the quad holding column kk is 64 bytes at (kk / 4) * 64 inside the block.
         unsafe {
-            let (lo, hi) = V::load_u4(data.add(kk * 16));
+            let (lo, hi) = V::load_u4_lane(data.add((kk / 4) * 64), kk % 4);
             let eight = V::splat(8.0);
             (V::sub(lo, eight), V::sub(hi, eight))
         }
@@ -560,7 +570,7 @@ mod tests {
         WeightFormat::Fp8,
         WeightFormat::Int4 { group: 32 },
         WeightFormat::Int4 { group: 128 },
-        WeightFormat::Int4 { group: 48 },
+        WeightFormat::Int4 { group: 44 },
     ];
 
     /// Max |error| allowed relative to Σ|x·w| of a row: f32 accumulation only,

@@ -84,8 +84,9 @@ pub(crate) trait F32x16: Copy {
     /// 16 FP8-E4M3 bytes to f32, **scaled by 2⁻⁸** (the caller folds 256 into
     /// the block scale): the bits are re-biased into f16, then widened.
     unsafe fn load_fp8_div256(p: *const u8) -> Self;
-    /// 16 bytes of nibbles: (low nibbles, high nibbles) as f32 in 0..=15.
-    unsafe fn load_u4(p: *const u8) -> (Self, Self);
+    /// 64 bytes viewed as 16 u32 lanes; byte `c` (0..4) of each lane, split into
+    /// its (low nibble, high nibble) as f32 in 0..=15.
+    unsafe fn load_u4_lane(p: *const u8, c: usize) -> (Self, Self);
 }
 
 /// Portable lanes.
@@ -136,10 +137,11 @@ impl F32x16 for Scalar {
         let v = unsafe { p.cast::<[u8; 16]>().read_unaligned() };
         Scalar(v.map(|b| f16_bits_to_f32(fp8_to_f16_bits(b))))
     }
-    unsafe fn load_u4(p: *const u8) -> (Self, Self) {
-        // SAFETY: the caller guarantees 16 readable bytes.
-        let v = unsafe { p.cast::<[u8; 16]>().read_unaligned() };
-        (Scalar(v.map(|b| (b & 15) as f32)), Scalar(v.map(|b| (b >> 4) as f32)))
+    unsafe fn load_u4_lane(p: *const u8, c: usize) -> (Self, Self) {
+        // SAFETY: the caller guarantees 64 readable bytes.
+        let v = unsafe { p.cast::<[u8; 64]>().read_unaligned() };
+        let b: [u8; 16] = std::array::from_fn(|l| v[4 * l + c]);
+        (Scalar(b.map(|b| (b & 15) as f32)), Scalar(b.map(|b| (b >> 4) as f32)))
     }
 }
 
@@ -211,12 +213,13 @@ mod x86 {
             }
         }
         #[inline(always)]
-        unsafe fn load_u4(p: *const u8) -> (Self, Self) {
-            // SAFETY: AVX-512F is present; 16 readable bytes.
+        unsafe fn load_u4_lane(p: *const u8, c: usize) -> (Self, Self) {
+            // SAFETY: AVX-512F is present; 64 readable bytes.
             unsafe {
-                let v = _mm512_cvtepu8_epi32(_mm_loadu_si128(p.cast()));
-                let lo = _mm512_and_si512(v, _mm512_set1_epi32(15));
-                let hi = _mm512_srli_epi32::<4>(v);
+                let v = _mm512_srl_epi32(_mm512_loadu_si512(p.cast()), _mm_cvtsi32_si128(8 * c as i32));
+                let m = _mm512_set1_epi32(15);
+                let lo = _mm512_and_si512(v, m);
+                let hi = _mm512_and_si512(_mm512_srli_epi32::<4>(v), m);
                 (Avx512(_mm512_cvtepi32_ps(lo)), Avx512(_mm512_cvtepi32_ps(hi)))
             }
         }
@@ -288,15 +291,18 @@ mod x86 {
             }
         }
         #[inline(always)]
-        unsafe fn load_u4(p: *const u8) -> (Self, Self) {
-            // SAFETY: AVX2 is present; 16 readable bytes.
+        unsafe fn load_u4_lane(p: *const u8, c: usize) -> (Self, Self) {
+            // SAFETY: AVX2 is present; 64 readable bytes.
             unsafe {
                 let m = _mm256_set1_epi32(15);
-                let a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.cast()));
-                let b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(8).cast()));
+                let sh = _mm_cvtsi32_si128(8 * c as i32);
+                let a = _mm256_srl_epi32(_mm256_loadu_si256(p.cast()), sh);
+                let b = _mm256_srl_epi32(_mm256_loadu_si256(p.add(32).cast()), sh);
                 let lo = Avx2(_mm256_cvtepi32_ps(_mm256_and_si256(a, m)), _mm256_cvtepi32_ps(_mm256_and_si256(b, m)));
-                let hi =
-                    Avx2(_mm256_cvtepi32_ps(_mm256_srli_epi32::<4>(a)), _mm256_cvtepi32_ps(_mm256_srli_epi32::<4>(b)));
+                let hi = Avx2(
+                    _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32::<4>(a), m)),
+                    _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32::<4>(b), m)),
+                );
                 (lo, hi)
             }
         }

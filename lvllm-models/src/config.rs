@@ -255,7 +255,7 @@ pub struct Qwen3MoeConfig {
 impl Qwen3MoeConfig {
     /// Whether decoder layer `layer` has a sparse MoE block (Hugging Face's rule).
     pub fn is_moe_layer(&self, layer: usize) -> bool {
-        !self.mlp_only_layers.contains(&layer) && self.num_experts > 0 && (layer + 1) % self.decoder_sparse_step == 0
+        !self.mlp_only_layers.contains(&layer) && self.num_experts > 0 && (layer + 1).is_multiple_of(self.decoder_sparse_step)
     }
 }
 
@@ -280,7 +280,7 @@ impl RawQwen3Moe {
         nonzero(self.decoder_sparse_step, "decoder_sparse_step")?;
         let n_kv = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
         nonzero(n_kv, "num_key_value_heads")?;
-        if self.num_attention_heads % n_kv != 0 {
+        if !self.num_attention_heads.is_multiple_of(n_kv) {
             return Err(format!(
                 "`num_attention_heads` {} is not a multiple of `num_key_value_heads` {n_kv}",
                 self.num_attention_heads
@@ -288,7 +288,7 @@ impl RawQwen3Moe {
         }
         let head_dim = match self.head_dim {
             Some(h) => h,
-            None if self.hidden_size % self.num_attention_heads == 0 => self.hidden_size / self.num_attention_heads,
+            None if self.hidden_size.is_multiple_of(self.num_attention_heads) => self.hidden_size / self.num_attention_heads,
             None => {
                 return Err("`head_dim` is missing and `hidden_size` is not a multiple of `num_attention_heads`".into())
             }

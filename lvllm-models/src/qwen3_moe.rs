@@ -33,7 +33,9 @@ struct SparseMoe {
     experts: CpuExperts,
 }
 
+/// One per layer, so the size difference between variants does not matter.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 enum FeedForward {
     Dense(Mlp),
     Sparse(SparseMoe),

@@ -240,7 +240,7 @@ pub fn serialize(tensors: &[(&str, &HostTensor)]) -> Vec<u8> {
         off += len;
     }
     let mut h = serde_json::to_vec(&header).expect("json map serialises");
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = (h.len() as u64).to_le_bytes().to_vec();

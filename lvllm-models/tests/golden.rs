@@ -11,17 +11,27 @@ use lvllm_moe::{ExpertsOptions, MoeWeight};
 use lvllm_numa::{Binding, Pool, PoolOptions, Topology};
 
 fn load(dir: &std::path::Path, weight: MoeWeight) -> Model {
+    load_with(dir, ExpertsOptions { weight, int8_activations: false, ..Default::default() })
+}
+
+fn load_with(dir: &std::path::Path, experts: ExpertsOptions) -> Model {
     let pool = Pool::new(
         &Topology::synthetic(1, 2, 1),
         PoolOptions { threads: Some(2), binding: Binding::NumaNode, power_saving: false },
     )
     .unwrap();
-    let opts = LoadOptions { pool: Arc::new(pool), experts: ExpertsOptions { weight, ..Default::default() } };
+    let opts = LoadOptions { pool: Arc::new(pool), experts };
     Model::load_dir(dir, &opts).unwrap().1
 }
 
 /// Max |Δlogit| allowed, relative to the largest |logit| of the reference.
 const REL_TOL: f32 = 1e-4;
+
+/// Max |Δlogit| relative to the largest |logit| for int8 activations. Measured up
+/// to 6.7·10⁻² on these random models, below HF's own bf16-activation drift
+/// (0.11–1.22 absolute, up to 19 % relative, `reference.json`); a broken
+/// kernel is off by O(1).
+const INT8_REL_TOL: f32 = 1e-1;
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
@@ -159,9 +169,9 @@ fn chunked_and_batched_prefill_match_single_pass() {
 
 /// `moe_weight: int4` against HF on the same int4-dequantized expert weights
 /// (`reference_int4.safetensors`, from `gen_int4_reference.py`).
-fn check_int4(name: &str) {
+fn check_int4(name: &str, int8_activations: bool) {
     let dir = fixture(name);
-    let model = load(&dir, MoeWeight::Int4);
+    let model = load_with(&dir, ExpertsOptions { weight: MoeWeight::Int4, int8_activations, ..Default::default() });
     let r = reference(&dir);
     let f = lvllm_models::SafetensorsFile::open(&dir.join("reference_int4.safetensors")).unwrap();
     let src = WeightSource::from_files(vec![f]);
@@ -175,7 +185,22 @@ fn check_int4(name: &str) {
     let logits = model.forward(&batch, &mut cache).unwrap();
     let max_ref = want.iter().fold(0f32, |a, v| a.max(v.abs()));
     let max_abs = logits.data.iter().zip(&want).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
-    println!("{name} int4: max |Δlogit| = {max_abs:.3e}, relative {:.3e}", max_abs / max_ref);
+    let agree =
+        (0..t).filter(|&i| argmax(logits.row(i)) == argmax(&want[i * logits.vocab..(i + 1) * logits.vocab])).count();
+    println!(
+        "{name} int4 (int8 activations: {int8_activations}): max |Δlogit| = {max_abs:.3e}, relative {:.3e}, argmax agreement {agree}/{t}",
+        max_abs / max_ref
+    );
+    if int8_activations {
+        // Activation rounding (≤ 2⁻⁸ relative per value) moves logits by a few
+        // percent on these random models; see INT8_REL_TOL.
+        assert!(
+            max_abs <= INT8_REL_TOL * max_ref,
+            "{name} int8: max |Δlogit| {max_abs} exceeds {INT8_REL_TOL} × {max_ref}"
+        );
+        assert!(agree * 100 >= 90 * t, "{name} int8: argmax agreement {agree}/{t}");
+        return;
+    }
     assert!(max_abs <= REL_TOL * max_ref, "{name} int4: max |Δlogit| {max_abs} exceeds {REL_TOL} × {max_ref}");
     let mut next = argmax(logits.row(t - 1)) as u32;
     let mut got = vec![next];
@@ -192,7 +217,16 @@ fn check_int4(name: &str) {
 #[test]
 fn int4_experts_match_hf_on_int4_weights() {
     for name in ["qwen3_moe_sharded", "qwen3_moe_dense_tied", "qwen3_moe_yarn_step2"] {
-        check_int4(name);
+        check_int4(name, false);
+    }
+}
+
+/// The fast int4 path (int8 activations, VNNI where present) against the same
+/// reference, with the tolerance its activation rounding needs.
+#[test]
+fn int4_int8_activations_track_hf() {
+    for name in ["qwen3_moe_sharded", "qwen3_moe_dense_tied", "qwen3_moe_yarn_step2"] {
+        check_int4(name, true);
     }
 }
 

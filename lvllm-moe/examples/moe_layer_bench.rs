@@ -127,6 +127,15 @@ fn main() -> anyhow::Result<()> {
             "bf16" => (ExpertsOptions { weight: MoeWeight::Keep, ..Default::default() }, false),
             "fp8" => (ExpertsOptions { weight: MoeWeight::Keep, ..Default::default() }, true),
             "int4" => (ExpertsOptions { weight: MoeWeight::Int4, int4_group: 32, ..Default::default() }, false),
+            "int4-f32act" => (
+                ExpertsOptions {
+                    weight: MoeWeight::Int4,
+                    int4_group: 32,
+                    int8_activations: false,
+                    ..Default::default()
+                },
+                false,
+            ),
             "int4g128" => (ExpertsOptions { weight: MoeWeight::Int4, int4_group: 128, ..Default::default() }, false),
             "f16" => {
                 (ExpertsOptions { weight: MoeWeight::ToDtype, dtype: WeightFormat::F16, ..Default::default() }, false)
@@ -151,7 +160,12 @@ fn main() -> anyhow::Result<()> {
             });
         }
         let layer = CpuExperts::new(pool.clone(), layer_experts, a.hidden, a.inter, &opts, |_| {})?;
-        eprintln!("# {fname}: packed in {:.1} s, {:?}", t0.elapsed().as_secs_f64(), layer.formats());
+        eprintln!(
+            "# {fname}: packed in {:.1} s, {:?}, int8 activations: {}",
+            t0.elapsed().as_secs_f64(),
+            layer.formats(),
+            layer.uses_int8_activations()
+        );
         let expert_bytes = layer.expert_bytes();
         for &m in &a.ms {
             let hidden: Vec<f32> = (0..m * a.hidden).map(|_| rng.f32()).collect();

@@ -5,7 +5,7 @@
 //! (defaults: 1024 MiB, 5 reps, every CPU). Use buffers far larger than the
 //! last-level cache.
 
-use lvllm_numa::{bandwidth, Binding, Pool, PoolOptions, Topology};
+use lvllm_numa::{bandwidth, Binding, HostBuffer, Placement, Pool, PoolOptions, Topology, HUGE_PAGE_SIZE};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -14,6 +14,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let topo = Topology::detect()?;
     let max_threads: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(topo.num_cpus());
     println!("{topo}");
+    let probe_buf = HostBuffer::new(HUGE_PAGE_SIZE, Placement::Node(topo.nodes()[0].id))?;
+    println!(
+        "mbind to node {}: {}; huge-page advice: {}",
+        topo.nodes()[0].id,
+        if probe_buf.bound() { "applied" } else { "refused (pages follow first touch)" },
+        if probe_buf.huge_pages() { "accepted" } else { "refused" }
+    );
     println!("buffer {mib} MiB per node, best of {reps}");
     println!("{:>7} {:>5} {:>6} {:>9}  per node GB/s", "threads", "nodes", "pinned", "GB/s");
     for threads in 1..=max_threads {

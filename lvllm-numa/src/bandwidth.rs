@@ -163,8 +163,8 @@ mod tests {
 
     #[test]
     fn probe_reports_something_sane() {
-        let pool = Pool::new(&Topology::synthetic(2, 1, 1), PoolOptions { threads: Some(2), ..Default::default() })
-            .unwrap();
+        let pool =
+            Pool::new(&Topology::synthetic(2, 1, 1), PoolOptions { threads: Some(2), ..Default::default() }).unwrap();
         let r = probe(&pool, (3 << 20) + 5, 2).unwrap();
         assert_eq!(r.threads, 2);
         assert_eq!(r.bytes, 2 * (((3 << 20) + 5usize).div_ceil(64) * 64));

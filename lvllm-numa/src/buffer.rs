@@ -79,10 +79,9 @@ impl HostBuffer {
         }
         let huge_wanted = len >= HUGE_PAGE_SIZE;
         let align = if huge_wanted { HUGE_PAGE_SIZE } else { page_size() };
-        let map_len = len.checked_next_multiple_of(align).ok_or_else(|| Error::Mmap {
-            len,
-            source: std::io::Error::from(std::io::ErrorKind::OutOfMemory),
-        })?;
+        let map_len = len
+            .checked_next_multiple_of(align)
+            .ok_or_else(|| Error::Mmap { len, source: std::io::Error::from(std::io::ErrorKind::OutOfMemory) })?;
         let ptr = map::map_aligned(map_len, align).map_err(|source| Error::Mmap { len, source })?;
         // SAFETY: `[ptr, ptr + map_len)` is the page-aligned mapping we just created and own.
         let huge = huge_wanted && unsafe { sys::advise_huge_pages(ptr.as_ptr(), map_len) };

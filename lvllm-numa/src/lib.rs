@@ -38,5 +38,7 @@ mod hwloc;
 
 pub use buffer::{HostBuffer, Placement, HUGE_PAGE_SIZE, MIN_ALIGN};
 pub use error::{Error, Result};
-pub use pool::{apportion, Binding, Pool, PoolOptions, WorkerCtx, RESERVED_CORES, SPIN_BEFORE_PARK, SPIN_WITHOUT_YIELD};
+pub use pool::{
+    apportion, Binding, Pool, PoolOptions, WorkerCtx, RESERVED_CORES, SPIN_BEFORE_PARK, SPIN_WITHOUT_YIELD,
+};
 pub use topology::{Core, NumaNode, Topology};

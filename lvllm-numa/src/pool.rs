@@ -11,9 +11,10 @@
 //! - **scheduling**: [`Pool::parallel_for_nodes`] gives each node its own task
 //!   range and its threads steal only from it (one atomic counter per node);
 //!   [`Pool::parallel_for`] shares one counter among all threads.
-//! - **waiting**: spin with `spin_loop` (yielding the core between checks after
-//!   [`SPIN_WITHOUT_YIELD`]) for up to [`SPIN_BEFORE_PARK`], then sleep on a
-//!   condition variable; [`PoolOptions::power_saving`] sleeps at once.
+//! - **waiting**: spin with `spin_loop` for up to [`SPIN_BEFORE_PARK`], then sleep
+//!   on a condition variable; [`PoolOptions::power_saving`] sleeps at once. After
+//!   [`SPIN_WITHOUT_YIELD`] (at once if workers + caller outnumber the process's
+//!   CPUs) spinners also yield their core between checks.
 //!
 //! The calling thread does **not** run tasks: it publishes the job, then waits
 //! (spinning, then sleeping) until every worker is done. Workers are pinned, the
@@ -56,11 +57,12 @@ pub const RESERVED_CORES: usize = 4;
 pub const SPIN_BEFORE_PARK: Duration = Duration::from_millis(1);
 
 /// For how long a spinning thread only spins; after this it also calls
-/// `sched_yield` between looks at the clock, so that on an oversubscribed machine
-/// (more runnable threads than cores) a spinner hands its core to the thread it
-/// waits for instead of holding it for a whole time slice. On an idle core the
-/// yield returns at once and costs well under a µs of extra wake-up latency.
-pub const SPIN_WITHOUT_YIELD: Duration = Duration::from_micros(50);
+/// `sched_yield` between looks at the clock, so that when other processes compete
+/// for the cores a spinner hands its core to the thread it waits for instead of
+/// holding it for a whole time slice. On an idle core the yield returns at once.
+/// A pool whose workers plus the caller outnumber the process's CPUs yields from
+/// the start.
+pub const SPIN_WITHOUT_YIELD: Duration = Duration::from_micros(10);
 
 /// Spins between two looks at the clock while spinning.
 const SPINS_PER_CLOCK_CHECK: u32 = 64;
@@ -69,7 +71,8 @@ const SPINS_PER_CLOCK_CHECK: u32 = 64;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Binding {
     /// `CPU_CORE`: each worker on one physical core's primary CPU (then the SMT
-    /// siblings, once every core of the node has a worker).
+    /// siblings, once every core of the node has a worker; beyond the node's
+    /// logical CPUs, workers share CPUs round-robin).
     #[default]
     CpuCore,
     /// `NUMA_NODE`: each worker may run on any CPU of its node.
@@ -204,6 +207,8 @@ struct Shared {
     work_cv: Condvar,
     done_cv: Condvar,
     power_saving: bool,
+    /// How long spinners spin before they start yielding their core.
+    yield_after: Duration,
 }
 
 // SAFETY: every field but `job` is Sync. `job` is an `UnsafeCell` written only by the
@@ -306,6 +311,7 @@ impl Pool {
             work_cv: Condvar::new(),
             done_cv: Condvar::new(),
             power_saving: opts.power_saving,
+            yield_after: if threads + 1 > usable_cpus() { Duration::ZERO } else { SPIN_WITHOUT_YIELD },
         });
         let mut pool = Pool {
             shared,
@@ -388,7 +394,11 @@ impl Pool {
 
     /// [`Pool::parallel_for_nodes`], returning [`Error::NodeCountMismatch`] instead
     /// of panicking when `tasks_per_node` has the wrong length (nothing runs then).
-    pub fn try_parallel_for_nodes<F: Fn(&WorkerCtx, usize) + Sync>(&self, tasks_per_node: &[usize], f: F) -> Result<()> {
+    pub fn try_parallel_for_nodes<F: Fn(&WorkerCtx, usize) + Sync>(
+        &self,
+        tasks_per_node: &[usize],
+        f: F,
+    ) -> Result<()> {
         if tasks_per_node.len() != self.num_nodes() {
             return Err(Error::NodeCountMismatch { expected: self.num_nodes(), got: tasks_per_node.len() });
         }
@@ -397,7 +407,8 @@ impl Pool {
         }
         if let Some(ctx) = self.current_worker() {
             for (node, &tasks) in tasks_per_node.iter().enumerate() {
-                let ctx = WorkerCtx { node, thread_in_node: if node == ctx.node { ctx.thread_in_node } else { 0 }, ..ctx };
+                let ctx =
+                    WorkerCtx { node, thread_in_node: if node == ctx.node { ctx.thread_in_node } else { 0 }, ..ctx };
                 (0..tasks).for_each(|t| f(&ctx, t));
             }
             return Ok(());
@@ -478,9 +489,16 @@ impl Drop for Pool {
     }
 }
 
+/// CPUs this process may run on (its affinity mask), for the oversubscription check.
+fn usable_cpus() -> usize {
+    crate::sys::allowed_cpus()
+        .map(|c| c.len())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
 /// Spins (unless power saving) then sleeps until `pending` reaches 0.
 fn wait_until_done(sh: &Shared) {
-    if !sh.power_saving && spin_until(|| sh.pending.load(Ordering::Acquire) == 0) {
+    if !sh.power_saving && spin_until(sh.yield_after, || sh.pending.load(Ordering::Acquire) == 0) {
         return;
     }
     let mut g = lock(&sh.park_lock);
@@ -491,10 +509,10 @@ fn wait_until_done(sh: &Shared) {
     sh.caller_parked.store(false, Ordering::Relaxed);
 }
 
-/// Spins on `ready` for up to [`SPIN_BEFORE_PARK`] (yielding the core between
-/// checks after [`SPIN_WITHOUT_YIELD`]); returns whether it became true.
+/// Spins on `ready` for up to [`SPIN_BEFORE_PARK`], yielding the core between
+/// checks after `yield_after`; returns whether it became true.
 #[inline]
-fn spin_until(mut ready: impl FnMut() -> bool) -> bool {
+fn spin_until(yield_after: Duration, mut ready: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
     loop {
         for _ in 0..SPINS_PER_CLOCK_CHECK {
@@ -507,7 +525,7 @@ fn spin_until(mut ready: impl FnMut() -> bool) -> bool {
         if waited >= SPIN_BEFORE_PARK {
             return ready();
         }
-        if waited >= SPIN_WITHOUT_YIELD {
+        if waited >= yield_after {
             std::thread::yield_now();
         }
     }
@@ -517,7 +535,7 @@ fn spin_until(mut ready: impl FnMut() -> bool) -> bool {
 fn wait_for_job(sh: &Shared, seen: u64) -> u64 {
     if !sh.power_saving {
         let mut g = seen;
-        if spin_until(|| {
+        if spin_until(sh.yield_after, || {
             g = sh.generation.load(Ordering::Acquire);
             g != seen
         }) {

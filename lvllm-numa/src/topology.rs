@@ -180,10 +180,21 @@ impl Topology {
     }
 
     /// Builds a topology from explicit nodes (used by the hwloc reader). Core ids are
-    /// renumbered; nodes without CPUs are dropped.
+    /// renumbered; nodes without CPUs are dropped; a node whose CPUs belong to no
+    /// core gets one core per CPU.
     #[cfg_attr(not(feature = "hwloc"), allow(dead_code))]
     pub(crate) fn from_nodes(nodes: Vec<NumaNode>) -> Result<Topology> {
-        Topology::finish(nodes.into_iter().filter(|n| !n.cpus.is_empty()).collect(), Some(PathBuf::from("/sys")))
+        let nodes = nodes
+            .into_iter()
+            .filter(|n| !n.cpus.is_empty())
+            .map(|mut n| {
+                if n.cores.is_empty() {
+                    n.cores = n.cpus.iter().map(|&c| Core { id: 0, cpus: vec![c] }).collect();
+                }
+                n
+            })
+            .collect();
+        Topology::finish(nodes, Some(PathBuf::from("/sys")))
     }
 
     /// The nodes, in ascending id order, each with at least one usable CPU.

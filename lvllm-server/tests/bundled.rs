@@ -33,7 +33,11 @@ fn tokenizer_matches_hf_on_tricky_strings() {
     for case in r["tricky_strings"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
         assert_eq!(tok.encode(text, true).unwrap(), ids(&case["ids"]), "encoding {text:?}");
-        assert_eq!(tok.decode(&ids(&case["ids"]), false).unwrap(), case["decoded"].as_str().unwrap(), "decoding {text:?}");
+        assert_eq!(
+            tok.decode(&ids(&case["ids"]), false).unwrap(),
+            case["decoded"].as_str().unwrap(),
+            "decoding {text:?}"
+        );
     }
     assert_eq!(tok.vocab_size(), r["tokenizer_len"].as_u64().unwrap() as usize);
 }
@@ -75,9 +79,14 @@ fn greedy_chat_matches_hf() {
         if let Some(b) = case["enable_thinking"].as_bool() {
             kwargs.insert("enable_thinking".into(), Value::Bool(b));
         }
-        let prompt = Prompt::Chat(ChatPrompt { messages: case["messages"].clone(), tools: None, template_kwargs: kwargs });
+        let prompt =
+            Prompt::Chat(ChatPrompt { messages: case["messages"].clone(), tools: None, template_kwargs: kwargs });
         let want = ids(&case["greedy_ids"]);
-        let p = SamplingParams { ignore_eos: true, prompt_logprobs: Some(1), ..SamplingParams::greedy().max_tokens(want.len()) };
+        let p = SamplingParams {
+            ignore_eos: true,
+            prompt_logprobs: Some(1),
+            ..SamplingParams::greedy().max_tokens(want.len())
+        };
         let g = e.generate(prompt, &p).unwrap();
         assert_eq!(g.prompt_token_ids, ids(&case["prompt_ids"]), "{name}");
         assert_eq!(g.token_ids, want, "{name}");

@@ -13,8 +13,18 @@ fn stderr(o: &Output) -> String {
 #[test]
 fn generate_json_with_logprobs() {
     let o = lvllm(&[
-        "generate", "--prompt", "The capital of France is", "--max-tokens", "5", "--ignore-eos", "--logprobs", "2",
-        "--prompt-logprobs", "1", "--output", "json",
+        "generate",
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "5",
+        "--ignore-eos",
+        "--logprobs",
+        "2",
+        "--prompt-logprobs",
+        "1",
+        "--output",
+        "json",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -34,8 +44,14 @@ fn generate_json_with_logprobs() {
 #[test]
 fn generate_chat_text() {
     let o = lvllm(&[
-        "generate", "--chat", "--prompt", "Hello, who are you?", "--chat-template-kwargs", r#"{"enable_thinking": false}"#,
-        "--max-tokens", "12",
+        "generate",
+        "--chat",
+        "--prompt",
+        "Hello, who are you?",
+        "--chat-template-kwargs",
+        r#"{"enable_thinking": false}"#,
+        "--max-tokens",
+        "12",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let text = String::from_utf8(o.stdout.clone()).unwrap();
@@ -46,7 +62,18 @@ fn generate_chat_text() {
 #[test]
 fn prompt_ids_without_tokenizer_model() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/qwen3_moe_sharded");
-    let o = lvllm(&["generate", "--model", dir, "--prompt-ids", "1,2,3", "--max-tokens", "3", "--ignore-eos", "--output", "json"]);
+    let o = lvllm(&[
+        "generate",
+        "--model",
+        dir,
+        "--prompt-ids",
+        "1,2,3",
+        "--max-tokens",
+        "3",
+        "--ignore-eos",
+        "--output",
+        "json",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(v["text"].is_null());
@@ -83,6 +110,7 @@ fn bad_input_is_a_clear_error() {
 
 #[test]
 fn moe_weight_int4_runs() {
-    let o = lvllm(&["generate", "--prompt", "7 plus 5 is", "--max-tokens", "4", "--moe-weight", "int4", "--threads", "1"]);
+    let o =
+        lvllm(&["generate", "--prompt", "7 plus 5 is", "--max-tokens", "4", "--moe-weight", "int4", "--threads", "1"]);
     assert!(o.status.success(), "{}", stderr(&o));
 }

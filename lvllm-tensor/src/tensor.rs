@@ -111,7 +111,7 @@ impl HostTensor {
     /// that [`HostTensor::typed`] borrows afterwards. Aligned views stay views.
     pub fn into_aligned(self) -> Self {
         let align = (self.dtype.size_in_bits() / 8).max(1);
-        if self.as_bytes().as_ptr() as usize % align == 0 {
+        if (self.as_bytes().as_ptr() as usize).is_multiple_of(align) {
             return self;
         }
         let buf = AlignedBuf::from_bytes(self.as_bytes());
@@ -180,7 +180,7 @@ mod tests {
         let backing = Arc::new(Backing::Static(&BYTES));
         // Find an offset that is misaligned for f32.
         let base = BYTES.as_ptr() as usize;
-        let off = (1..=4).find(|o| (base + o) % 4 != 0).unwrap();
+        let off = (1..=4).find(|o| !(base + o).is_multiple_of(4)).unwrap();
         let t = HostTensor::view(DType::F32, [1], backing, off, 4).unwrap();
         assert!(matches!(t.typed::<f32>().unwrap(), Cow::Owned(_)));
         let t = t.into_aligned();
