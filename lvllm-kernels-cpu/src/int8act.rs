@@ -43,13 +43,23 @@ pub fn quantize_row(x: &[f32], group: usize, q: &mut [i8], scales: &mut [f32], s
         let xs = amax / 127.0;
         let mut sum = 0i32;
         for (i, &v) in chunk.iter().enumerate() {
-            let qi = if xs > 0.0 { (v / xs).round_ties_even().clamp(-127.0, 127.0) as i8 } else { 0 };
+            let qi = if xs > 0.0 { round_half_even(v / xs).clamp(-127.0, 127.0) as i8 } else { 0 };
             q[g * group + i] = qi;
             sum += qi as i32;
         }
         scales[g] = xs;
         sums[g] = sum;
     }
+}
+
+/// Rounds half to even for |v| < 2²², without a libm call: adding and
+/// subtracting 1.5·2²³ leaves the nearest integer under the default rounding
+/// mode (baseline x86-64 has no SSE4.1 `roundps`, and `f32::round_ties_even`
+/// becomes a call to `rintf` there).
+#[inline(always)]
+fn round_half_even(v: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (v + MAGIC) - MAGIC
 }
 
 /// Quantized activations of `m` tokens.
@@ -210,6 +220,7 @@ mod vnni {
             for g in 0..k.div_ceil(group) {
                 let mut ai = [[_mm512_setzero_si512(); 2]; T];
                 for quad in g * qpg..((g + 1) * qpg).min(quads) {
+                    _mm_prefetch::<_MM_HINT_T0>(block.wrapping_add(quad * 64 + crate::packed::PREFETCH_BYTES).cast());
                     let v = _mm512_loadu_si512(block.add(quad * 64).cast());
                     let lo = _mm512_and_si512(v, nib);
                     let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), nib);
@@ -250,6 +261,13 @@ mod tests {
     use super::*;
     use crate::packed::{gemm_block_ref, pack_block};
     use proptest::prelude::*;
+
+    #[test]
+    fn magic_rounding_is_half_even() {
+        for v in [-127.5f32, -2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 126.5, 3.4999, -3.5001, 0.0, 100.2] {
+            assert_eq!(round_half_even(v), v.round_ties_even(), "{v}");
+        }
+    }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(40))]

@@ -29,6 +29,11 @@ use crate::simd::{F32x16, Isa, Scalar};
 /// Output rows per packed block.
 pub const BLOCK_ROWS: usize = 32;
 
+/// How far ahead of the current column the kernels prefetch weights. Each
+/// thread streams its blocks; the hardware prefetcher stops at 4 KiB page
+/// edges, so software prefetch keeps the loads in flight across them.
+pub const PREFETCH_BYTES: usize = 2048;
+
 /// Group size of FP8 scales along `k` (the 128×128 block scales of
 /// `weight_scale_inv` checkpoints are expanded to one scale per row per group).
 pub const FP8_GROUP: usize = 128;
@@ -356,6 +361,8 @@ mod x86_entry {
 trait Layout {
     /// Group size along k, 0 for unscaled formats.
     const GROUP: usize;
+    /// Bytes of packed data per column (fractional for int4: 64 per 4 columns).
+    const COL_BYTES_X4: usize;
     /// The two half-columns (rows 0..16, 16..32) of column `kk` as f32.
     unsafe fn column<V: F32x16>(data: *const u8, kk: usize) -> (V, V);
     /// The scales of group `g` for rows 0..16 and 16..32.
@@ -369,6 +376,7 @@ struct Int4L<const G: usize>;
 
 impl Layout for Bf16L {
     const GROUP: usize = 0;
+    const COL_BYTES_X4: usize = 256;
     #[inline(always)]
     unsafe fn column<V: F32x16>(data: *const u8, kk: usize) -> (V, V) {
         // SAFETY: column kk is 64 bytes at kk * 64 inside the block.
@@ -385,6 +393,7 @@ impl Layout for Bf16L {
 
 impl Layout for F16L {
     const GROUP: usize = 0;
+    const COL_BYTES_X4: usize = 256;
     #[inline(always)]
     unsafe fn column<V: F32x16>(data: *const u8, kk: usize) -> (V, V) {
         // SAFETY: column kk is 64 bytes at kk * 64 inside the block.
@@ -401,6 +410,7 @@ impl Layout for F16L {
 
 impl Layout for Fp8L {
     const GROUP: usize = super::packed::FP8_GROUP;
+    const COL_BYTES_X4: usize = 128;
     #[inline(always)]
     unsafe fn column<V: F32x16>(data: *const u8, kk: usize) -> (V, V) {
         // SAFETY: column kk is 32 bytes at kk * 32 inside the block.
@@ -421,6 +431,7 @@ impl Layout for Fp8L {
 
 impl<const G: usize> Layout for Int4L<G> {
     const GROUP: usize = G;
+    const COL_BYTES_X4: usize = 64;
     #[inline(always)]
     unsafe fn column<V: F32x16>(data: *const u8, kk: usize) -> (V, V) {
         // SAFETY: the quad holding column kk is 64 bytes at (kk / 4) * 64 inside the block.
@@ -516,8 +527,16 @@ unsafe fn tile<V: F32x16, L: Layout, const T: usize>(format: WeightFormat, a: &A
         let scales = a.block.add(format.data_bytes(a.k));
         let x = |t: usize, kk: usize| *a.x.add((t0 + t) * a.x_stride + kk);
         let mut acc = [[V::zero(); 2]; T];
+        // Prefetch one line per 64 bytes consumed.
+        let pf_every = 256 / L::COL_BYTES_X4;
+        let prefetch = |kk: usize| {
+            if kk % pf_every == 0 {
+                V::prefetch(data.wrapping_add(kk * L::COL_BYTES_X4 / 4 + PREFETCH_BYTES));
+            }
+        };
         if L::GROUP == 0 {
             for kk in 0..a.k {
+                prefetch(kk);
                 let (w0, w1) = L::column::<V>(data, kk);
                 for t in 0..T {
                     let xv = V::splat(x(t, kk));
@@ -530,6 +549,7 @@ unsafe fn tile<V: F32x16, L: Layout, const T: usize>(format: WeightFormat, a: &A
             for g in 0..a.k.div_ceil(g_size) {
                 let mut ag = [[V::zero(); 2]; T];
                 for kk in g * g_size..((g + 1) * g_size).min(a.k) {
+                    prefetch(kk);
                     let (w0, w1) = L::column::<V>(data, kk);
                     for t in 0..T {
                         let xv = V::splat(x(t, kk));

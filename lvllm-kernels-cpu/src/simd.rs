@@ -84,6 +84,8 @@ pub(crate) trait F32x16: Copy {
     /// 16 FP8-E4M3 bytes to f32, **scaled by 2⁻⁸** (the caller folds 256 into
     /// the block scale): the bits are re-biased into f16, then widened.
     unsafe fn load_fp8_div256(p: *const u8) -> Self;
+    /// Hints the cache to fetch the line at `p` (any address; never faults).
+    unsafe fn prefetch(p: *const u8);
     /// 64 bytes viewed as 16 u32 lanes; byte `c` (0..4) of each lane, split into
     /// its (low nibble, high nibble) as f32 in 0..=15.
     unsafe fn load_u4_lane(p: *const u8, c: usize) -> (Self, Self);
@@ -102,6 +104,7 @@ fn fp8_to_f16_bits(b: u8) -> u16 {
 }
 
 impl F32x16 for Scalar {
+    unsafe fn prefetch(_: *const u8) {}
     unsafe fn zero() -> Self {
         Scalar([0.0; 16])
     }
@@ -159,6 +162,11 @@ mod x86 {
     pub(crate) struct Avx512(__m512);
 
     impl F32x16 for Avx512 {
+        #[inline(always)]
+        unsafe fn prefetch(p: *const u8) {
+            // SAFETY: prefetch is a hint that never faults, whatever the address.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
+        }
         #[inline(always)]
         unsafe fn zero() -> Self {
             // SAFETY: AVX-512F is present (trait contract).
@@ -230,6 +238,11 @@ mod x86 {
     pub(crate) struct Avx2(__m256, __m256);
 
     impl F32x16 for Avx2 {
+        #[inline(always)]
+        unsafe fn prefetch(p: *const u8) {
+            // SAFETY: prefetch is a hint that never faults, whatever the address.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
+        }
         #[inline(always)]
         unsafe fn zero() -> Self {
             // SAFETY: AVX is present (trait contract).
