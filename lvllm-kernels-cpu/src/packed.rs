@@ -530,7 +530,7 @@ unsafe fn tile<V: F32x16, L: Layout, const T: usize>(format: WeightFormat, a: &A
         // Prefetch one line per 64 bytes consumed.
         let pf_every = 256 / L::COL_BYTES_X4;
         let prefetch = |kk: usize| {
-            if kk % pf_every == 0 {
+            if kk.is_multiple_of(pf_every) {
                 V::prefetch(data.wrapping_add(kk * L::COL_BYTES_X4 / 4 + PREFETCH_BYTES));
             }
         };

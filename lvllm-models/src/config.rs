@@ -255,7 +255,9 @@ pub struct Qwen3MoeConfig {
 impl Qwen3MoeConfig {
     /// Whether decoder layer `layer` has a sparse MoE block (Hugging Face's rule).
     pub fn is_moe_layer(&self, layer: usize) -> bool {
-        !self.mlp_only_layers.contains(&layer) && self.num_experts > 0 && (layer + 1).is_multiple_of(self.decoder_sparse_step)
+        !self.mlp_only_layers.contains(&layer)
+            && self.num_experts > 0
+            && (layer + 1).is_multiple_of(self.decoder_sparse_step)
     }
 }
 
@@ -288,7 +290,9 @@ impl RawQwen3Moe {
         }
         let head_dim = match self.head_dim {
             Some(h) => h,
-            None if self.hidden_size.is_multiple_of(self.num_attention_heads) => self.hidden_size / self.num_attention_heads,
+            None if self.hidden_size.is_multiple_of(self.num_attention_heads) => {
+                self.hidden_size / self.num_attention_heads
+            }
             None => {
                 return Err("`head_dim` is missing and `hidden_size` is not a multiple of `num_attention_heads`".into())
             }
