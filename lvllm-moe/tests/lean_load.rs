@@ -21,7 +21,7 @@ fn status_kib(key: &str) -> usize {
 /// holding it in memory; returns (path, byte offset of each tensor).
 fn write_checkpoint(dir: &std::path::Path, n: usize, h: usize, i: usize) -> (std::path::PathBuf, Vec<[usize; 3]>) {
     let mut header = serde_json_lite(n, h, i);
-    while header.len() % 8 != 0 {
+    while !header.len().is_multiple_of(8) {
         header.push(' ');
     }
     let path = dir.join("experts.safetensors");
