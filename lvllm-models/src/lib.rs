@@ -12,6 +12,8 @@
 
 pub mod cache;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda_qwen3_moe;
 mod error;
 pub mod layers;
 pub mod qwen3_moe;
@@ -78,6 +80,11 @@ impl Model {
 
 /// Checks a batch against itself and the cache before any layer runs.
 fn validate_batch(batch: &ForwardBatch<'_>, cache: &ModelCache, max_positions: usize) -> Result<()> {
+    validate_batch_shape(batch, cache.config(), max_positions)
+}
+
+/// Checks a batch against itself and a cache of the given size.
+fn validate_batch_shape(batch: &ForwardBatch<'_>, cfg: CacheConfig, max_positions: usize) -> Result<()> {
     let n = batch.tokens.len();
     if n == 0 {
         return Err(Error::Input("empty batch".into()));
@@ -89,7 +96,6 @@ fn validate_batch(batch: &ForwardBatch<'_>, cache: &ModelCache, max_positions: u
     if total != n {
         return Err(Error::Input(format!("sequences cover {total} tokens, the batch has {n}")));
     }
-    let cfg = cache.config();
     let mut start = 0;
     for (i, s) in batch.seqs.iter().enumerate() {
         if s.len == 0 {

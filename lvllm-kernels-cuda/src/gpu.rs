@@ -1,0 +1,439 @@
+//! The device handle and typed launchers.
+//!
+//! Launchers take raw device addresses (`u64`) so callers can pass offsets into
+//! large buffers (a layer's weights, a KV cache) without borrow juggling; they
+//! are `unsafe` and their contract is that every address range named by the
+//! arguments is a live allocation of this context, as large as stated.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::path::Path;
+use std::sync::Arc;
+
+use cudarc::cublas::{sys as blas_sys, CudaBlas};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+    ValidAsZeroBits,
+};
+use cudarc::nvrtc::{CompileOptions, Ptx};
+
+use crate::{Error, Result};
+
+/// A device buffer.
+pub type DevBuf<T> = CudaSlice<T>;
+
+const SOURCE: &str = include_str!("kernels.cu");
+
+const KERNELS: &[&str] = &[
+    "embedding",
+    "rmsnorm",
+    "to_bf16",
+    "add_inplace",
+    "silu_mul",
+    "rope_neox",
+    "kv_write",
+    "paged_attention",
+    "router_topk",
+    "gather_rows",
+    "scatter_add_weighted",
+    "fill_random_bf16",
+    "split_bf16",
+    "sum_halves",
+];
+
+fn drv(e: impl std::fmt::Debug) -> Error {
+    Error::Driver(format!("{e:?}"))
+}
+
+/// One GPU: context, stream, cuBLAS handle and the compiled kernels.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    funcs: HashMap<&'static str, CudaFunction>,
+    name: String,
+    arch: (i32, i32),
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Gpu({}, sm_{}{})", self.name, self.arch.0, self.arch.1)
+    }
+}
+
+fn grid1(n: usize, block: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: ((n as u32).div_ceil(block).max(1), 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 }
+}
+
+fn rows(n: usize, block: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: (n.max(1) as u32, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 }
+}
+
+impl Gpu {
+    /// Opens device `ordinal`, compiling (or loading from `cache_dir`) the kernels.
+    pub fn new(ordinal: usize, cache_dir: Option<&Path>) -> Result<Self> {
+        crate::check_libraries()?;
+        let count = CudaContext::device_count().map_err(drv)? as usize;
+        if ordinal >= count {
+            return Err(Error::NoDevice { ordinal, count });
+        }
+        let ctx = CudaContext::new(ordinal).map_err(drv)?;
+        // SAFETY: lvllm orders its work on one stream itself; disabling cudarc's
+        // event tracking is what CUDA-graph capture needs (DESIGN.md).
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| Error::Cublas(format!("{e:?}")))?;
+        let arch = ctx.compute_capability().map_err(drv)?;
+        let name = ctx.name().map_err(drv)?;
+        let ptx = compile(arch, cache_dir)?;
+        let module = ctx.load_module(ptx).map_err(drv)?;
+        let mut funcs = HashMap::new();
+        for &k in KERNELS {
+            funcs.insert(k, module.load_function(k).map_err(drv)?);
+        }
+        Ok(Gpu { ctx, stream, blas, funcs, name, arch })
+    }
+
+    /// The device's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Compute capability.
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.arch
+    }
+
+    /// Free and total device memory in bytes.
+    pub fn mem_info(&self) -> Result<(usize, usize)> {
+        self.ctx.mem_get_info().map_err(drv)
+    }
+
+    /// A zeroed buffer of `n` elements.
+    pub fn alloc<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<DevBuf<T>> {
+        self.stream.alloc_zeros(n.max(1)).map_err(drv)
+    }
+
+    /// Copies host data to a new device buffer.
+    pub fn upload<T: DeviceRepr>(&self, data: &[T]) -> Result<DevBuf<T>> {
+        self.stream.clone_htod(data).map_err(drv)
+    }
+
+    /// Copies host data into an existing buffer (same length).
+    pub fn upload_into<T: DeviceRepr>(&self, data: &[T], buf: &mut DevBuf<T>) -> Result<()> {
+        if data.len() > buf.len() {
+            return Err(Error::Args(format!("upload of {} elements into {}", data.len(), buf.len())));
+        }
+        let mut view = buf.slice_mut(..data.len());
+        self.stream.memcpy_htod(data, &mut view).map_err(drv)
+    }
+
+    /// Copies a device buffer to the host (waits for the stream).
+    pub fn download<T: DeviceRepr + Default + Clone>(&self, buf: &DevBuf<T>) -> Result<Vec<T>> {
+        self.stream.clone_dtoh(buf).map_err(drv)
+    }
+
+    /// Copies the first `n` elements of a device buffer to the host.
+    pub fn download_n<T: DeviceRepr + Default + Clone>(&self, buf: &DevBuf<T>, n: usize) -> Result<Vec<T>> {
+        let view = buf.slice(..n);
+        self.stream.clone_dtoh(&view).map_err(drv)
+    }
+
+    /// Waits for all queued work.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(drv)
+    }
+
+    /// The device address of a buffer.
+    pub fn ptr<T>(&self, b: &DevBuf<T>) -> u64 {
+        let (p, _sync) = b.device_ptr(&self.stream);
+        p
+    }
+
+    fn launch(&self, name: &str, cfg: LaunchConfig, args: &[&dyn Arg]) -> Result<()> {
+        let f = &self.funcs[name];
+        let mut b = self.stream.launch_builder(f);
+        for a in args {
+            a.push(&mut b);
+        }
+        // SAFETY: argument kinds and counts match the kernel signatures in
+        // kernels.cu (each launcher below mirrors one), and the caller of the
+        // launcher guarantees the addresses' extents.
+        unsafe { b.launch(cfg) }.map(|_| ()).map_err(drv)
+    }
+
+    /// `out[t, :] = table[ids[t], :]` (`table` bf16 `[vocab, hidden]`, `out` f32).
+    ///
+    /// # Safety
+    /// `ids` holds `tokens` u32 < vocab, `table` `[vocab, hidden]` bf16, `out` `tokens × hidden` f32.
+    pub unsafe fn embedding(&self, ids: u64, table: u64, out: u64, tokens: usize, hidden: usize) -> Result<()> {
+        self.launch("embedding", rows(tokens, 256), &[&ids, &table, &out, &(hidden as i32)])
+    }
+
+    /// RMSNorm of `rows` rows of `width` (in place allowed).
+    ///
+    /// # Safety
+    /// `x`, `out`: `rows × width` f32; `w`: `width` f32.
+    pub unsafe fn rmsnorm(&self, x: u64, w: u64, out: u64, n_rows: usize, width: usize, eps: f32) -> Result<()> {
+        self.launch("rmsnorm", rows(n_rows, 256), &[&x, &w, &out, &(width as i32), &eps])
+    }
+
+    /// `out = bf16(x)` for `n` values.
+    ///
+    /// # Safety
+    /// `x`: `n` f32, `out`: `n` bf16.
+    pub unsafe fn to_bf16(&self, x: u64, out: u64, n: usize) -> Result<()> {
+        self.launch("to_bf16", grid1(n, 256), &[&x, &out, &(n as i64)])
+    }
+
+    /// `x += y` for `n` values.
+    ///
+    /// # Safety
+    /// `x`, `y`: `n` f32.
+    pub unsafe fn add_inplace(&self, x: u64, y: u64, n: usize) -> Result<()> {
+        self.launch("add_inplace", grid1(n, 256), &[&x, &y, &(n as i64)])
+    }
+
+    /// `out = silu(g) · u` for `n` values.
+    ///
+    /// # Safety
+    /// `g`, `u`, `out`: `n` f32.
+    pub unsafe fn silu_mul(&self, g: u64, u: u64, out: u64, n: usize) -> Result<()> {
+        self.launch("silu_mul", grid1(n, 256), &[&g, &u, &out, &(n as i64)])
+    }
+
+    /// NeoX RoPE in place on `x[tokens, heads, dim]`.
+    ///
+    /// # Safety
+    /// `x`: `tokens × heads × dim` f32, `positions`: `tokens` i32, `inv_freq`: `dim/2` f32.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn rope_neox(
+        &self,
+        x: u64,
+        positions: u64,
+        inv_freq: u64,
+        scaling: f32,
+        tokens: usize,
+        heads: usize,
+        dim: usize,
+    ) -> Result<()> {
+        self.launch(
+            "rope_neox",
+            rows(tokens, 128),
+            &[&x, &positions, &inv_freq, &scaling, &(heads as i32), &(dim as i32)],
+        )
+    }
+
+    /// `kc[slots[t]] = k[t]`, `vc[slots[t]] = v[t]` (rows of `width`).
+    ///
+    /// # Safety
+    /// `k`, `v`: `tokens × width` f32; `slots`: `tokens` i32 within the caches.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn kv_write(
+        &self,
+        k: u64,
+        v: u64,
+        kc: u64,
+        vc: u64,
+        slots: u64,
+        tokens: usize,
+        width: usize,
+    ) -> Result<()> {
+        self.launch("kv_write", rows(tokens, 256), &[&k, &v, &kc, &vc, &slots, &(width as i32)])
+    }
+
+    /// Causal attention over the paged cache (see kernels.cu).
+    ///
+    /// # Safety
+    /// `q`, `out`: `tokens × n_heads × dim` f32; `pos`, `seq`: `tokens` i32;
+    /// `block_tables`: `n_seqs × max_blocks` i32 covering every position; caches
+    /// `slots × n_kv × dim` f32; `dim ≤ 256`.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn paged_attention(
+        &self,
+        q: u64,
+        kc: u64,
+        vc: u64,
+        out: u64,
+        pos: u64,
+        seq: u64,
+        block_tables: u64,
+        max_blocks: usize,
+        block_size: usize,
+        tokens: usize,
+        n_heads: usize,
+        n_kv: usize,
+        dim: usize,
+        scale: f32,
+    ) -> Result<()> {
+        if dim > 256 {
+            return Err(Error::Args(format!("head_dim {dim} > 256")));
+        }
+        let cfg =
+            LaunchConfig { grid_dim: (tokens as u32, n_heads as u32, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
+        self.launch(
+            "paged_attention",
+            cfg,
+            &[
+                &q,
+                &kc,
+                &vc,
+                &out,
+                &pos,
+                &seq,
+                &block_tables,
+                &(max_blocks as i32),
+                &(block_size as i32),
+                &(n_heads as i32),
+                &(n_kv as i32),
+                &(dim as i32),
+                &scale,
+            ],
+        )
+    }
+
+    /// Softmax top-k routing of `tokens` rows of `n_experts` logits.
+    ///
+    /// # Safety
+    /// `logits`: `tokens × n_experts` f32; `ids`, `weights`: `tokens × k`.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn router_topk(
+        &self,
+        logits: u64,
+        tokens: usize,
+        n_experts: usize,
+        k: usize,
+        renormalize: bool,
+        ids: u64,
+        weights: u64,
+    ) -> Result<()> {
+        self.launch(
+            "router_topk",
+            grid1(tokens, 64),
+            &[&logits, &(tokens as i32), &(n_experts as i32), &(k as i32), &(renormalize as i32), &ids, &weights],
+        )
+    }
+
+    /// `out[r] = x[idx[r]]` for `n_rows` rows of `width`.
+    ///
+    /// # Safety
+    /// `idx`: `n_rows` i32 rows of `x`; `out`: `n_rows × width` f32.
+    pub unsafe fn gather_rows(&self, x: u64, idx: u64, out: u64, n_rows: usize, width: usize) -> Result<()> {
+        self.launch("gather_rows", rows(n_rows, 256), &[&x, &idx, &out, &(width as i32)])
+    }
+
+    /// `out[idx[r]] += w[r] · y[r]` (`idx` distinct within the call).
+    ///
+    /// # Safety
+    /// `y`: `n_rows × width`; `idx`, `w`: `n_rows`; `out` holds every `idx` row.
+    pub unsafe fn scatter_add_weighted(
+        &self,
+        y: u64,
+        idx: u64,
+        w: u64,
+        out: u64,
+        n_rows: usize,
+        width: usize,
+    ) -> Result<()> {
+        self.launch("scatter_add_weighted", rows(n_rows, 256), &[&y, &idx, &w, &out, &(width as i32)])
+    }
+
+    /// Splits `n` f32 values into two bf16 terms: `out[..n]` = hi, `out[n..2n]` = lo.
+    ///
+    /// # Safety
+    /// `x`: `n` f32, `out`: `2n` bf16.
+    pub unsafe fn split_bf16(&self, x: u64, out: u64, n: usize) -> Result<()> {
+        self.launch("split_bf16", grid1(n, 256), &[&x, &out, &(n as i64)])
+    }
+
+    /// `y[i] = y2[i] + y2[n + i]`.
+    ///
+    /// # Safety
+    /// `y2`: `2n` f32, `y`: `n` f32.
+    pub unsafe fn sum_halves(&self, y2: u64, y: u64, n: usize) -> Result<()> {
+        self.launch("sum_halves", grid1(n, 256), &[&y2, &y, &(n as i64)])
+    }
+
+    /// Fills `n` bf16 values with deterministic noise in `[-scale, scale)`.
+    ///
+    /// # Safety
+    /// `p`: `n` bf16.
+    pub unsafe fn fill_random_bf16(&self, p: u64, n: usize, seed: u32, scale: f32) -> Result<()> {
+        self.launch("fill_random_bf16", grid1(n, 256), &[&p, &(n as i64), &seed, &scale])
+    }
+
+    /// `y[t, n] = x[t, k] · w[n, k]ᵀ` with bf16 `x` and `w`, f32 `y`, f32 compute
+    /// (cuBLAS, column-major: `yᵀ = w · xᵀ`).
+    ///
+    /// # Safety
+    /// `x`: `t × k` bf16, `w`: `n × k` bf16, `y`: `t × n` f32.
+    pub unsafe fn gemm_bf16(&self, x: u64, w: u64, y: u64, t: usize, n: usize, k: usize) -> Result<()> {
+        let (alpha, beta) = (1f32, 0f32);
+        // SAFETY: forwarded contract; the handle is bound to our stream.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.blas.handle(),
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                n as i32,
+                t as i32,
+                k as i32,
+                (&alpha as *const f32).cast(),
+                w as *const std::ffi::c_void,
+                blas_sys::cudaDataType::CUDA_R_16BF,
+                k as i32,
+                x as *const std::ffi::c_void,
+                blas_sys::cudaDataType::CUDA_R_16BF,
+                k as i32,
+                (&beta as *const f32).cast(),
+                y as *mut std::ffi::c_void,
+                blas_sys::cudaDataType::CUDA_R_32F,
+                n as i32,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| Error::Cublas(format!("{e:?}")))
+    }
+}
+
+/// A kernel argument (the value is pushed by reference; it must outlive the launch call).
+trait Arg {
+    fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>);
+}
+
+macro_rules! arg {
+    ($($t:ty),*) => {$(
+        impl Arg for $t {
+            fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>) {
+                b.arg(self);
+            }
+        }
+    )*};
+}
+arg!(u64, i32, i64, u32, f32);
+
+/// Compiles the kernels for `arch`, reusing a cached PTX file when present.
+fn compile(arch: (i32, i32), cache_dir: Option<&Path>) -> Result<Ptx> {
+    let (mut maj, mut min) = (0i32, 0i32);
+    // SAFETY: NVRTC was found by `check_libraries`; the out-pointers are valid.
+    unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut maj, &mut min) };
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (SOURCE, arch, maj, min).hash(&mut h);
+    let file = cache_dir.map(|d| d.join(format!("lvllm-kernels-{:016x}-sm{}{}.ptx", h.finish(), arch.0, arch.1)));
+    if let Some(f) = &file {
+        if let Ok(src) = std::fs::read_to_string(f) {
+            return Ok(Ptx::from_src(src));
+        }
+    }
+    let opts = CompileOptions {
+        options: vec![format!("--gpu-architecture=compute_{}{}", arch.0, arch.1), "-default-device".into()],
+        ..Default::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts).map_err(|e| Error::Compile(format!("{e:?}")))?;
+    if let (Some(f), Some(dir)) = (&file, cache_dir) {
+        // A cache that cannot be written only costs a recompile next time.
+        let _ = std::fs::create_dir_all(dir).and_then(|_| std::fs::write(f, ptx.to_src()));
+    }
+    Ok(ptx)
+}

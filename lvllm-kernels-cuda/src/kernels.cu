@@ -1,0 +1,217 @@
+// lvllm CUDA kernels. Self-contained (no CUDA headers): bf16 is handled as bit
+// patterns, so NVRTC compiles this with only the driver and NVRTC installed.
+// Activations are f32; weights bf16 (unsigned short). Row-major everywhere.
+
+typedef unsigned short bf16_t;
+
+#define LV_INF __int_as_float(0x7f800000)
+
+__device__ __forceinline__ float bf2f(bf16_t h) { return __uint_as_float(((unsigned)h) << 16); }
+
+__device__ __forceinline__ bf16_t f2bf(float f) {
+    unsigned u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16_t)0x7fc0;  // NaN
+    u += 0x7fffu + ((u >> 16) & 1u);                            // round to nearest even
+    return (bf16_t)(u >> 16);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// out[t, :] = table[ids[t], :]   grid: tokens
+extern "C" __global__ void embedding(const unsigned* ids, const bf16_t* table, float* out, int hidden) {
+    const size_t row = (size_t)ids[blockIdx.x] * hidden;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) out[(size_t)blockIdx.x * hidden + i] = bf2f(table[row + i]);
+}
+
+// out[r, :] = x[r, :] * rsqrt(mean(x[r]^2) + eps) * w   grid: rows, block: 256 (in place allowed)
+extern "C" __global__ void rmsnorm(const float* x, const float* w, float* out, int width, float eps) {
+    __shared__ float part[32];
+    const float* xr = x + (size_t)blockIdx.x * width;
+    float s = 0.f;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) s += xr[i] * xr[i];
+    s = warp_sum(s);
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = s;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float v = threadIdx.x < (blockDim.x >> 5) ? part[threadIdx.x] : 0.f;
+        v = warp_sum(v);
+        if (threadIdx.x == 0) part[0] = v;
+    }
+    __syncthreads();
+    const float inv = rsqrtf(part[0] / (float)width + eps);
+    float* o = out + (size_t)blockIdx.x * width;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) o[i] = w[i] * (xr[i] * inv);
+}
+
+// out[i] = bf16(x[i])
+extern "C" __global__ void to_bf16(const float* x, bf16_t* out, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = f2bf(x[i]);
+}
+
+// x[i] += y[i]
+extern "C" __global__ void add_inplace(float* x, const float* y, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] += y[i];
+}
+
+// out[i] = silu(g[i]) * u[i]
+extern "C" __global__ void silu_mul(const float* g, const float* u, float* out, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) {
+        float a = g[i];
+        out[i] = a / (1.f + expf(-a)) * u[i];
+    }
+}
+
+// NeoX RoPE in place on x[t, heads, dim]; cos/sin from inv_freq × position × scaling.
+// grid: tokens, block: 128
+extern "C" __global__ void rope_neox(float* x, const int* positions, const float* inv_freq, float scaling, int heads, int dim) {
+    const int half = dim / 2;
+    const float p = (float)positions[blockIdx.x];
+    float* xt = x + (size_t)blockIdx.x * heads * dim;
+    for (int i = threadIdx.x; i < heads * half; i += blockDim.x) {
+        const int h = i / half, j = i % half;
+        const float a = p * inv_freq[j];
+        const float c = cosf(a) * scaling, s = sinf(a) * scaling;
+        float* hp = xt + h * dim;
+        const float x1 = hp[j], x2 = hp[j + half];
+        hp[j] = x1 * c - x2 * s;
+        hp[j + half] = x2 * c + x1 * s;
+    }
+}
+
+// Paged cache write: kc[slot[t], :] = k[t, :], same for v.  grid: tokens
+extern "C" __global__ void kv_write(const float* k, const float* v, float* kc, float* vc, const int* slots, int width) {
+    const size_t dst = (size_t)slots[blockIdx.x] * width, src = (size_t)blockIdx.x * width;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) {
+        kc[dst + i] = k[src + i];
+        vc[dst + i] = v[src + i];
+    }
+}
+
+// Causal attention over the paged cache, one warp per (token, head), online softmax.
+// q/out: [T, n_heads, D]; kc/vc: [slots, n_kv, D]; token t of sequence seq[t] at
+// position pos[t] attends to positions 0..=pos[t] through block_tables[seq, :].
+// grid: (T, n_heads), block: 32. D ≤ 256.
+extern "C" __global__ void paged_attention(const float* q, const float* kc, const float* vc, float* out, const int* pos,
+                                           const int* seq, const int* block_tables, int max_blocks, int block_size,
+                                           int n_heads, int n_kv, int dim, float scale) {
+    const int t = blockIdx.x, h = blockIdx.y, lane = threadIdx.x;
+    const int kvh = h / (n_heads / n_kv);
+    const float* qh = q + ((size_t)t * n_heads + h) * dim;
+    float qv[8], acc[8];
+    const int per = (dim + 31) / 32;
+    for (int i = 0; i < per; i++) {
+        const int d = lane + 32 * i;
+        qv[i] = d < dim ? qh[d] * scale : 0.f;
+        acc[i] = 0.f;
+    }
+    float m = -LV_INF, l = 0.f;
+    const int* bt = block_tables + (size_t)seq[t] * max_blocks;
+    for (int j = 0; j <= pos[t]; j++) {
+        const size_t slot = (size_t)bt[j / block_size] * block_size + j % block_size;
+        const float* kj = kc + (slot * n_kv + kvh) * dim;
+        float s = 0.f;
+        for (int i = 0; i < per; i++) {
+            const int d = lane + 32 * i;
+            if (d < dim) s += qv[i] * kj[d];
+        }
+        s = warp_sum(s);
+        const float m_new = fmaxf(m, s);
+        const float corr = expf(m - m_new), pj = expf(s - m_new);
+        l = l * corr + pj;
+        const float* vj = vc + (slot * n_kv + kvh) * dim;
+        for (int i = 0; i < per; i++) {
+            const int d = lane + 32 * i;
+            acc[i] = acc[i] * corr + (d < dim ? pj * vj[d] : 0.f);
+        }
+        m = m_new;
+    }
+    float* oh = out + ((size_t)t * n_heads + h) * dim;
+    for (int i = 0; i < per; i++) {
+        const int d = lane + 32 * i;
+        if (d < dim) oh[d] = acc[i] / l;
+    }
+}
+
+// Softmax top-k routing per token: one thread per token.
+extern "C" __global__ void router_topk(const float* logits, int n_tokens, int n_experts, int k, int renormalize,
+                                       int* ids, float* weights) {
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= n_tokens) return;
+    const float* lg = logits + (size_t)t * n_experts;
+    float mx = -LV_INF;
+    for (int e = 0; e < n_experts; e++) mx = fmaxf(mx, lg[e]);
+    float z = 0.f;
+    for (int e = 0; e < n_experts; e++) z += expf(lg[e] - mx);
+    float sum = 0.f;
+    int prev = -1;
+    float prev_v = LV_INF;
+    for (int j = 0; j < k; j++) {
+        // Next largest after (prev_v, prev): ties keep the lower index first.
+        int best = -1;
+        float bv = -LV_INF;
+        for (int e = 0; e < n_experts; e++) {
+            const float v = lg[e];
+            const bool after = v < prev_v || (v == prev_v && e > prev);
+            if (after && (best < 0 || v > bv)) { best = e; bv = v; }
+        }
+        ids[t * k + j] = best;
+        const float p = expf(bv - mx) / z;
+        weights[t * k + j] = p;
+        sum += p;
+        prev = best;
+        prev_v = bv;
+    }
+    if (renormalize) for (int j = 0; j < k; j++) weights[t * k + j] /= sum;
+}
+
+// out[r, :] = x[idx[r], :]   grid: rows
+extern "C" __global__ void gather_rows(const float* x, const int* idx, float* out, int width) {
+    const size_t src = (size_t)idx[blockIdx.x] * width, dst = (size_t)blockIdx.x * width;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) out[dst + i] = x[src + i];
+}
+
+// out[idx[r], :] += w[r] * y[r, :]   grid: rows (idx distinct within a launch)
+extern "C" __global__ void scatter_add_weighted(const float* y, const int* idx, const float* w, float* out, int width) {
+    const size_t dst = (size_t)idx[blockIdx.x] * width, src = (size_t)blockIdx.x * width;
+    const float s = w[blockIdx.x];
+    for (int i = threadIdx.x; i < width; i += blockDim.x) out[dst + i] += s * y[src + i];
+}
+
+// Deterministic pseudo-random bf16 weights in [-scale, scale) (load_format: dummy).
+extern "C" __global__ void fill_random_bf16(bf16_t* p, long long n, unsigned seed, float scale) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) {
+        unsigned x = (unsigned)i * 2654435761u ^ seed;
+        x ^= x >> 16; x *= 0x7feb352du; x ^= x >> 15; x *= 0x846ca68bu; x ^= x >> 16;
+        p[i] = f2bf(((float)(x >> 8) / 16777216.f * 2.f - 1.f) * scale);
+    }
+}
+
+// Two-term bf16 split of f32 activations: out[0..n) = hi = bf16(x),
+// out[n..2n) = bf16(x - hi). A GEMM over both halves, summed, sees ~16 mantissa
+// bits of x while reading the bf16 weights once.
+extern "C" __global__ void split_bf16(const float* x, bf16_t* out, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) {
+        const bf16_t hi = f2bf(x[i]);
+        out[i] = hi;
+        out[n + i] = f2bf(x[i] - bf2f(hi));
+    }
+}
+
+// y[i] = y2[i] + y2[n + i]
+extern "C" __global__ void sum_halves(const float* y2, float* y, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = y2[i] + y2[n + i];
+}
