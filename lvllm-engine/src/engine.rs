@@ -88,6 +88,7 @@ pub struct EngineBuilder {
     max_model_len: Option<usize>,
     kv_cache_bytes: Option<usize>,
     block_size: Option<usize>,
+    kernel_cache_dir: Option<PathBuf>,
 }
 
 impl EngineBuilder {
@@ -134,6 +135,12 @@ impl EngineBuilder {
         self
     }
 
+    /// Where compiled CUDA kernels are cached (default: none, compile each run).
+    pub fn kernel_cache_dir(mut self, dir: impl AsRef<Path>) -> Self {
+        self.kernel_cache_dir = Some(dir.as_ref().to_path_buf());
+        self
+    }
+
     /// Tokens per KV block (default [`DEFAULT_BLOCK_SIZE`]).
     pub fn block_size(mut self, n: usize) -> Self {
         self.block_size = Some(n);
@@ -142,15 +149,6 @@ impl EngineBuilder {
 
     /// Loads the model and tokenizer and sizes the KV cache.
     pub fn build(self) -> Result<Engine> {
-        match self.device {
-            Device::Cpu => {}
-            device @ Device::Cuda(_) => {
-                return Err(Error::Device {
-                    device,
-                    msg: "the CUDA backend is not built yet; use the CPU device".into(),
-                })
-            }
-        }
         let source =
             self.source.ok_or_else(|| Error::Config("no model given: call .model(dir) or .embedded(..)".into()))?;
         let (config, weights, tokenizer, name) = match &source {
@@ -174,25 +172,6 @@ impl EngineBuilder {
                 (config, WeightSource::from_files(vec![file]), tokenizer, m.name.to_string())
             }
         };
-        if self.threads.count == Some(0) {
-            return Err(Error::Config("threads must be at least 1".into()));
-        }
-        let topology = Topology::detect().map_err(|e| Error::Config(format!("reading the CPU topology: {e}")))?;
-        let pool = Pool::new(
-            &topology,
-            PoolOptions {
-                threads: self.threads.count,
-                binding: self.threads.binding,
-                power_saving: self.threads.power_saving,
-            },
-        )
-        .map_err(|e| Error::Config(format!("starting the worker pool: {e}")))?;
-        let load = LoadOptions {
-            pool: Arc::new(pool),
-            experts: ExpertsOptions { weight: self.moe_weight, ..ExpertsOptions::default() },
-        };
-        let model = Model::load(&config, &weights, &load).map_err(Error::ModelLoad)?;
-
         let block_size = self.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
         if block_size == 0 {
             return Err(Error::Config("block_size must be at least 1".into()));
@@ -205,7 +184,8 @@ impl EngineBuilder {
                 )));
             }
         }
-        let bytes_per_block: usize = model.cache_spec().iter().map(|s| s.bytes_per_block(block_size)).sum();
+        let cache_spec = config.cache_spec();
+        let bytes_per_block: usize = cache_spec.iter().map(|s| s.bytes_per_block(block_size)).sum();
         let wanted_len = self.max_model_len.unwrap_or(model_max);
         let budget = self.kv_cache_bytes.unwrap_or(DEFAULT_KV_CACHE_BYTES);
         let fit_blocks = budget / bytes_per_block.max(1);
@@ -225,7 +205,34 @@ impl EngineBuilder {
                 "the KV cache budget of {budget} bytes holds no block of {bytes_per_block} bytes"
             )));
         }
-        let cache = ModelCache::new(&model.cache_spec(), CacheConfig { block_size, num_blocks });
+        let backend = match self.device {
+            Device::Cpu => {
+                if self.threads.count == Some(0) {
+                    return Err(Error::Config("threads must be at least 1".into()));
+                }
+                let topology =
+                    Topology::detect().map_err(|e| Error::Config(format!("reading the CPU topology: {e}")))?;
+                let pool = Pool::new(
+                    &topology,
+                    PoolOptions {
+                        threads: self.threads.count,
+                        binding: self.threads.binding,
+                        power_saving: self.threads.power_saving,
+                    },
+                )
+                .map_err(|e| Error::Config(format!("starting the worker pool: {e}")))?;
+                let load = LoadOptions {
+                    pool: Arc::new(pool),
+                    experts: ExpertsOptions { weight: self.moe_weight, ..ExpertsOptions::default() },
+                };
+                let model = Model::load(&config, &weights, &load).map_err(Error::ModelLoad)?;
+                let cache = ModelCache::new(&cache_spec, CacheConfig { block_size, num_blocks });
+                Backend::Cpu { model, cache }
+            }
+            Device::Cuda(ordinal) => {
+                cuda_backend(ordinal, &config, &weights, block_size, num_blocks, self.kernel_cache_dir.as_deref())?
+            }
+        };
         let mut eos: Vec<u32> = config.eos_token_ids().to_vec();
         if let Some(t) = &tokenizer {
             eos.extend_from_slice(t.eos_token_ids());
@@ -238,14 +245,76 @@ impl EngineBuilder {
             tokenizer,
             eos_token_ids: eos,
             max_model_len,
-            runner: Mutex::new(Runner { model, cache, blocks: BlockAllocator::new(num_blocks) }),
+            block_size,
+            device: self.device,
+            runner: Mutex::new(Runner { backend, blocks: BlockAllocator::new(num_blocks) }),
         })
     }
 }
 
+/// Loads the model onto GPU `ordinal` (all experts in VRAM).
+#[cfg(feature = "cuda")]
+fn cuda_backend(
+    ordinal: usize,
+    config: &ModelConfig,
+    weights: &WeightSource,
+    block_size: usize,
+    num_blocks: usize,
+    kernel_cache_dir: Option<&Path>,
+) -> Result<Backend> {
+    use lvllm_models::cuda_qwen3_moe::{CudaQwen3Moe, GpuWeights};
+    let device = Device::Cuda(ordinal);
+    let gpu = lvllm_kernels_cuda::Gpu::new(ordinal, kernel_cache_dir)
+        .map_err(|e| Error::Device { device, msg: e.to_string() })?;
+    match config {
+        ModelConfig::Qwen3Moe(c) => {
+            let m = CudaQwen3Moe::load(Arc::new(gpu), c, GpuWeights::Checkpoint(weights), block_size, num_blocks)
+                .map_err(Error::ModelLoad)?;
+            Ok(Backend::Cuda(Box::new(m)))
+        }
+        #[allow(unreachable_patterns)]
+        _ => Err(Error::Device { device, msg: "this architecture has no CUDA path yet".into() }),
+    }
+}
+
+/// Without the `cuda` feature there is no GPU path.
+#[cfg(not(feature = "cuda"))]
+fn cuda_backend(
+    ordinal: usize,
+    _config: &ModelConfig,
+    _weights: &WeightSource,
+    _block_size: usize,
+    _num_blocks: usize,
+    _kernel_cache_dir: Option<&Path>,
+) -> Result<Backend> {
+    Err(Error::Device {
+        device: Device::Cuda(ordinal),
+        msg: "this build has no CUDA support; rebuild with `--features cuda` or use the CPU device".into(),
+    })
+}
+
+/// Whether a CUDA device can be used by this build (driver, NVRTC, cuBLAS and a GPU present).
+pub fn cuda_available() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        lvllm_kernels_cuda::check_libraries().is_ok()
+    }
+    #[cfg(not(feature = "cuda"))]
+    false
+}
+
+/// Where the model runs (one per engine, so variant sizes do not matter).
+#[allow(clippy::large_enum_variant)]
+enum Backend {
+    /// Everything on the CPU.
+    Cpu { model: Model, cache: ModelCache },
+    /// Everything on a GPU (the model owns its device KV cache).
+    #[cfg(feature = "cuda")]
+    Cuda(Box<lvllm_models::cuda_qwen3_moe::CudaQwen3Moe>),
+}
+
 struct Runner {
-    model: Model,
-    cache: ModelCache,
+    backend: Backend,
     blocks: BlockAllocator,
 }
 
@@ -364,6 +433,8 @@ pub struct Engine {
     tokenizer: Option<Tokenizer>,
     eos_token_ids: Vec<u32>,
     max_model_len: usize,
+    block_size: usize,
+    device: Device,
     runner: Mutex<Runner>,
 }
 
@@ -400,6 +471,11 @@ impl Engine {
     /// The context limit (prompt + output tokens).
     pub fn max_model_len(&self) -> usize {
         self.max_model_len
+    }
+
+    /// The device the model runs on.
+    pub fn device(&self) -> Device {
+        self.device
     }
 
     /// End-of-sequence ids (config and tokenizer).
@@ -484,7 +560,7 @@ impl Engine {
         }
         let mut runner = self.runner.lock().unwrap_or_else(|e| e.into_inner());
         let max_new = params.max_tokens.min(self.max_model_len - ids.len());
-        let block_size = runner.cache.config().block_size;
+        let block_size = self.block_size;
         // The last generated token is never fed back, so the cache holds at most
         // prompt + max_new - 1 positions.
         let need = (ids.len() + max_new - 1).div_ceil(block_size);
@@ -567,8 +643,11 @@ impl GenerationStream<'_> {
         let positions: Vec<usize> = (first_pos..first_pos + tokens.len()).collect();
         let seqs = [SeqSpan { len: tokens.len(), block_table: &self.blocks, state_slot: None }];
         let batch = ForwardBatch { tokens, positions: &positions, seqs: &seqs, logits };
-        let Runner { model, cache, .. } = &mut *self.runner;
-        model.forward(&batch, cache).map_err(Error::Inference)
+        match &mut self.runner.backend {
+            Backend::Cpu { model, cache } => model.forward(&batch, cache).map_err(Error::Inference),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(m) => m.forward(&batch).map_err(Error::Inference),
+        }
     }
 
     fn prefill(&mut self) -> Result<()> {

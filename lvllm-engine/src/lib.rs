@@ -27,8 +27,8 @@ pub mod sampling;
 pub mod tokenizer;
 
 pub use engine::{
-    Binding, ChatPrompt, Device, EmbeddedModel, Engine, EngineBuilder, FinishReason, Generation, GenerationStats,
-    GenerationStream, ModelSource, MoeWeight, Prompt, StreamDelta, ThreadOptions,
+    cuda_available, Binding, ChatPrompt, Device, EmbeddedModel, Engine, EngineBuilder, FinishReason, Generation,
+    GenerationStats, GenerationStream, ModelSource, MoeWeight, Prompt, StreamDelta, ThreadOptions,
 };
 pub use error::{Error, Result};
 pub use sampling::{SamplingParams, TokenLogprobs, TopLogprob};

@@ -41,10 +41,11 @@ fn bf(v: &[f32]) -> Vec<u16> {
 }
 
 #[test]
+#[allow(clippy::needless_range_loop)]
 fn kernels_match_cpu_references() {
     let Some(g) = gpu() else { return };
     println!("device: {} sm_{}{}", g.name(), g.compute_capability().0, g.compute_capability().1);
-    // SAFETY (all launches below): every buffer is allocated here with the sizes
+    // SAFETY: all launches below use buffers allocated here with the sizes
     // the launcher's contract names.
     unsafe {
         // rmsnorm

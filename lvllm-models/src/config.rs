@@ -62,6 +62,18 @@ impl ModelConfig {
         }
     }
 
+    /// What each decoder layer caches (the same for the CPU and GPU paths).
+    pub fn cache_spec(&self) -> Vec<crate::LayerCacheSpec> {
+        match self {
+            ModelConfig::Qwen3Moe(c) => {
+                vec![
+                    crate::LayerCacheSpec::PagedKv { n_kv_heads: c.num_key_value_heads, head_dim: c.head_dim };
+                    c.num_hidden_layers
+                ]
+            }
+        }
+    }
+
     /// `eos_token_id` from the config, as a list.
     pub fn eos_token_ids(&self) -> &[u32] {
         match self {

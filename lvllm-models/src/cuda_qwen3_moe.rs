@@ -233,7 +233,7 @@ impl CudaQwen3Moe {
         let att = g.alloc::<f32>(n * nh * hd).map_err(e)?;
         let o = g.alloc::<f32>(n * h).map_err(e)?;
         let p = |b: &DevBuf<f32>| g.ptr(b);
-        // SAFETY (all launches in this function): every buffer above is sized for
+        // SAFETY: for all launches in this function, every buffer above is sized for
         // `n` tokens of the widths passed; weights were uploaded with the shapes
         // the config implies; batch metadata was validated against the cache.
         unsafe {

@@ -41,7 +41,7 @@ enum Output {
 enum DeviceArg {
     /// Everything on the CPU.
     Cpu,
-    /// The GPU (not built yet).
+    /// GPU 0, all weights in VRAM (needs a build with `--features cuda`).
     Cuda,
 }
 
@@ -101,9 +101,9 @@ struct GenerateArgs {
     /// Context limit in tokens (prompt + output).
     #[arg(long)]
     max_model_len: Option<usize>,
-    /// Where to run.
-    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
-    device: DeviceArg,
+    /// Where to run (default: cuda when this build has CUDA support and a driver is found, else cpu).
+    #[arg(long, value_enum)]
+    device: Option<DeviceArg>,
     /// Runtime format of routed experts: to_dtype, keep or int4.
     #[arg(long, default_value = "to_dtype", value_parser = parse_moe_weight)]
     moe_weight: MoeWeight,
@@ -155,8 +155,10 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     };
     let mut builder = Engine::builder()
         .device(match args.device {
-            DeviceArg::Cpu => Device::Cpu,
-            DeviceArg::Cuda => Device::Cuda(0),
+            Some(DeviceArg::Cpu) => Device::Cpu,
+            Some(DeviceArg::Cuda) => Device::Cuda(0),
+            None if lvllm_engine::cuda_available() => Device::Cuda(0),
+            None => Device::Cpu,
         })
         .threads(threads)
         .moe_weight(args.moe_weight);
@@ -166,6 +168,9 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     };
     if let Some(n) = args.max_model_len {
         builder = builder.max_model_len(n);
+    }
+    if let Some(dir) = kernel_cache_dir() {
+        builder = builder.kernel_cache_dir(dir);
     }
     let engine = builder.build().context("loading the model")?;
 
@@ -236,6 +241,14 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `$XDG_CACHE_HOME/lvllm/kernels`, else `$HOME/.cache/lvllm/kernels`.
+fn kernel_cache_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("lvllm").join("kernels"))
 }
 
 fn logprob_entries(l: &TokenLogprobs, tok: Option<&Tokenizer>) -> serde_json::Value {

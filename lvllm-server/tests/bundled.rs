@@ -120,3 +120,34 @@ fn stop_strings_cut_the_text() {
     let streamed: String = e.stream(prompt, &p).unwrap().map(|d| d.unwrap().text).collect();
     assert_eq!(streamed, "Hello! I am Tiny, a");
 }
+
+/// The GPU path generates the same greedy tokens as the CPU path (skips without CUDA).
+#[cfg(feature = "cuda")]
+#[test]
+fn gpu_and_cpu_generate_the_same_chat() {
+    if !lvllm_engine::cuda_available() {
+        println!("SKIPPED: no CUDA driver found");
+        return;
+    }
+    let gpu = Engine::builder()
+        .embedded(lvllm_server::bundled::tiny_model())
+        .device(lvllm_engine::Device::Cuda(0))
+        .build()
+        .unwrap();
+    let cpu = engine();
+    let r = reference_json();
+    for name in ["thinking_default", "enable_thinking_false"] {
+        let case = &r["chat"][name];
+        let mut kwargs = serde_json::Map::new();
+        if let Some(b) = case["enable_thinking"].as_bool() {
+            kwargs.insert("enable_thinking".into(), Value::Bool(b));
+        }
+        let prompt =
+            Prompt::Chat(ChatPrompt { messages: case["messages"].clone(), tools: None, template_kwargs: kwargs });
+        let p = SamplingParams { ignore_eos: true, ..SamplingParams::greedy().max_tokens(24) };
+        let (g, c) = (gpu.generate(prompt.clone(), &p).unwrap(), cpu.generate(prompt, &p).unwrap());
+        println!("{name}: gpu {:?}", g.text);
+        assert_eq!(g.token_ids, c.token_ids, "{name}");
+        assert_eq!(g.token_ids, ids(&case["greedy_ids"]), "{name}: HF greedy");
+    }
+}

@@ -89,7 +89,10 @@ fn bad_input_is_a_clear_error() {
         (&["generate"], "--prompt"),
         (&["generate", "--prompt", "a", "--prompt-ids", "1"], "cannot be used with"),
         (&["generate", "--prompt", "a", "--model", "/nonexistent/model"], "/nonexistent/model/config.json"),
-        (&["generate", "--prompt", "a", "--device", "cuda"], "CUDA backend is not built yet"),
+        (
+            &["generate", "--prompt", "a", "--device", "cuda"],
+            if cfg!(feature = "cuda") { "no CUDA driver found" } else { "no CUDA support" },
+        ),
         (&["generate", "--prompt", "a b c d e f g h", "--max-model-len", "4"], "too long"),
         (&["generate", "--prompt", "a", "--temperature", "-1"], "temperature"),
         (&["generate", "--prompt", "a", "--top-p", "0"], "top_p"),

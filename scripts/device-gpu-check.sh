@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# GPU suite on the GPU machine, in one call. Build here first with
+#   scripts/build-device-bins.sh     (also builds the `--features cuda` test binaries)
+# then run there:  bash scripts/device-gpu-check.sh   (short table last)
+set -uo pipefail
+B=.gpu-carry
+export LVLLM_FIXTURES=$PWD/tests/fixtures
+log() { tee -a "${OUT:-/tmp}/gpu-check.log"; }
+echo "== kernels vs CPU references";      "$B/gpu_kernels_test" --nocapture 2>&1 | grep -E "max|device|result|panicked|SKIPPED" | log
+echo "== golden fixtures vs HF f32";      "$B/golden_cuda" --nocapture 2>&1 | grep -E "cosine|result|panicked|SKIPPED" | log
+echo "== engine: GPU vs CPU greedy chat"; "$B/server_bundled" --nocapture gpu_and_cpu 2>&1 | grep -E "gpu|result|panicked|SKIPPED" | log
+echo "== lvllm generate --device cuda";   "$B/lvllm" generate --device cuda --chat --prompt "What is the capital of France?" \
+    --chat-template-kwargs '{"enable_thinking": false}' 2>&1 | log
+echo "== decode, Qwen3-30B-A3B shapes, dummy weights, all experts on the GPU"
+timeout 400 "$B/gpu_decode_bench" - "${STEPS:-16}" 2>&1 | log
+echo "== summary"
+grep -E "test result|cosine|decode tok/s|^\| [0-9]" "${OUT:-/tmp}/gpu-check.log"
