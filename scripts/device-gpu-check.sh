@@ -12,6 +12,7 @@ echo "== engine: GPU vs CPU greedy chat"; "$B/server_bundled" --nocapture gpu_an
 echo "== lvllm generate --device cuda";   "$B/lvllm" generate --device cuda --chat --prompt "What is the capital of France?" \
     --chat-template-kwargs '{"enable_thinking": false}' 2>&1 | log
 echo "== decode, Qwen3-30B-A3B shapes, dummy weights, all experts on the GPU"
-timeout 400 "$B/gpu_decode_bench" - "${STEPS:-16}" 2>&1 | log
+timeout 200 "$B/gpu_decode_bench" - "${STEPS:-32}" 2>&1 | log
+timeout 200 "$B/gpu_decode_bench" - "${STEPS:-32}" eager 2>&1 | log
 echo "== summary"
 grep -E "test result|cosine|decode tok/s|^\| [0-9]" "${OUT:-/tmp}/gpu-check.log"

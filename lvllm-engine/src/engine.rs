@@ -89,6 +89,7 @@ pub struct EngineBuilder {
     kv_cache_bytes: Option<usize>,
     block_size: Option<usize>,
     kernel_cache_dir: Option<PathBuf>,
+    eager: bool,
 }
 
 impl EngineBuilder {
@@ -138,6 +139,13 @@ impl EngineBuilder {
     /// Where compiled CUDA kernels are cached (default: none, compile each run).
     pub fn kernel_cache_dir(mut self, dir: impl AsRef<Path>) -> Self {
         self.kernel_cache_dir = Some(dir.as_ref().to_path_buf());
+        self
+    }
+
+    /// Run CUDA decode steps eagerly instead of replaying captured CUDA graphs
+    /// (vLLM's `enforce_eager`; `cudagraph_mode: NONE`).
+    pub fn enforce_eager(mut self, eager: bool) -> Self {
+        self.eager = eager;
         self
     }
 
@@ -229,9 +237,15 @@ impl EngineBuilder {
                 let cache = ModelCache::new(&cache_spec, CacheConfig { block_size, num_blocks });
                 Backend::Cpu { model, cache }
             }
-            Device::Cuda(ordinal) => {
-                cuda_backend(ordinal, &config, &weights, block_size, num_blocks, self.kernel_cache_dir.as_deref())?
-            }
+            Device::Cuda(ordinal) => cuda_backend(
+                ordinal,
+                &config,
+                &weights,
+                block_size,
+                num_blocks,
+                self.kernel_cache_dir.as_deref(),
+                !self.eager,
+            )?,
         };
         let mut eos: Vec<u32> = config.eos_token_ids().to_vec();
         if let Some(t) = &tokenizer {
@@ -261,6 +275,7 @@ fn cuda_backend(
     block_size: usize,
     num_blocks: usize,
     kernel_cache_dir: Option<&Path>,
+    cuda_graphs: bool,
 ) -> Result<Backend> {
     use lvllm_models::cuda_qwen3_moe::{CudaQwen3Moe, GpuWeights};
     let device = Device::Cuda(ordinal);
@@ -268,8 +283,15 @@ fn cuda_backend(
         .map_err(|e| Error::Device { device, msg: e.to_string() })?;
     match config {
         ModelConfig::Qwen3Moe(c) => {
-            let m = CudaQwen3Moe::load(Arc::new(gpu), c, GpuWeights::Checkpoint(weights), block_size, num_blocks)
-                .map_err(Error::ModelLoad)?;
+            let m = CudaQwen3Moe::load(
+                Arc::new(gpu),
+                c,
+                GpuWeights::Checkpoint(weights),
+                block_size,
+                num_blocks,
+                cuda_graphs,
+            )
+            .map_err(Error::ModelLoad)?;
             Ok(Backend::Cuda(Box::new(m)))
         }
         #[allow(unreachable_patterns)]
@@ -286,6 +308,7 @@ fn cuda_backend(
     _block_size: usize,
     _num_blocks: usize,
     _kernel_cache_dir: Option<&Path>,
+    _cuda_graphs: bool,
 ) -> Result<Backend> {
     Err(Error::Device {
         device: Device::Cuda(ordinal),

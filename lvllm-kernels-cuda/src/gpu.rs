@@ -39,7 +39,13 @@ const KERNELS: &[&str] = &[
     "fill_random_bf16",
     "split_bf16",
     "sum_halves",
+    "gemv_bf16",
+    "moe_gemv_bf16",
+    "moe_combine_add",
 ];
+
+/// Most rows (tokens) the GEMV kernels take at once (`GEMV_MAX_T` in kernels.cu).
+pub const GEMV_MAX_T: usize = 16;
 
 fn drv(e: impl std::fmt::Debug) -> Error {
     Error::Driver(format!("{e:?}"))
@@ -81,7 +87,8 @@ impl Gpu {
         // SAFETY: lvllm orders its work on one stream itself; disabling cudarc's
         // event tracking is what CUDA-graph capture needs (DESIGN.md).
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        // A created stream, not the legacy default one: CUDA graphs cannot capture that.
+        let stream = ctx.new_stream().map_err(drv)?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| Error::Cublas(format!("{e:?}")))?;
         let arch = ctx.compute_capability().map_err(drv)?;
         let name = ctx.name().map_err(drv)?;
@@ -126,6 +133,25 @@ impl Gpu {
         }
         let mut view = buf.slice_mut(..data.len());
         self.stream.memcpy_htod(data, &mut view).map_err(drv)
+    }
+
+    /// Copies host data into `buf` starting at element `offset`.
+    pub fn upload_at<T: DeviceRepr>(&self, data: &[T], buf: &mut DevBuf<T>, offset: usize) -> Result<()> {
+        if offset + data.len() > buf.len() {
+            return Err(Error::Args(format!("upload of {} elements at {offset} into {}", data.len(), buf.len())));
+        }
+        let mut view = buf.slice_mut(offset..offset + data.len());
+        self.stream.memcpy_htod(data, &mut view).map_err(drv)
+    }
+
+    /// Copies host data to device address `dst` on this GPU's stream. The host
+    /// slice may be dropped when this returns (pageable copies are staged first).
+    ///
+    /// # Safety
+    /// `dst` is a live allocation of this context with room for `data`.
+    pub unsafe fn upload_to<T: DeviceRepr>(&self, data: &[T], dst: u64) -> Result<()> {
+        // SAFETY: forwarded contract; the source slice is valid for its length.
+        unsafe { cudarc::driver::result::memcpy_htod_async(dst, data, self.stream.cu_stream()) }.map_err(drv)
     }
 
     /// Copies a device buffer to the host (waits for the stream).
@@ -352,6 +378,81 @@ impl Gpu {
     /// `y2`: `2n` f32, `y`: `n` f32.
     pub unsafe fn sum_halves(&self, y2: u64, y: u64, n: usize) -> Result<()> {
         self.launch("sum_halves", grid1(n, 256), &[&y2, &y, &(n as i64)])
+    }
+
+    /// `y[t, n] = Σ_k x[t, k] · w[n, k]` for `t < T ≤ 16`, f32 activations and
+    /// accumulation, bf16 weights (decode-sized products; no cuBLAS, graph-capturable).
+    ///
+    /// # Safety
+    /// `x`: `T × K` f32, `w`: `N × K` bf16, `y`: `T × N` f32.
+    pub unsafe fn gemv_bf16(&self, x: u64, w: u64, y: u64, t: usize, n: usize, k: usize) -> Result<()> {
+        if t > GEMV_MAX_T {
+            return Err(Error::Args(format!("gemv of {t} rows > {GEMV_MAX_T}")));
+        }
+        let cfg = LaunchConfig { grid_dim: (n.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        self.launch("gemv_bf16", cfg, &[&x, &w, &y, &(t as i32), &(n as i32), &(k as i32)])
+    }
+
+    /// Routed expert rows: `y[s, n] = Σ_k x[row(s), k] · w[ids[s], n, k]` with
+    /// `row(s) = s / topk`, or `s` when `x_per_slot`.
+    ///
+    /// # Safety
+    /// `w`: `E × N × K` bf16 with every `ids` < E; `ids`: `slots` i32; `x` holds
+    /// the rows named; `y`: `slots × N` f32.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn moe_gemv_bf16(
+        &self,
+        x: u64,
+        w: u64,
+        ids: u64,
+        y: u64,
+        slots: usize,
+        n: usize,
+        k: usize,
+        topk: usize,
+        x_per_slot: bool,
+    ) -> Result<()> {
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(8) as u32, slots as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(
+            "moe_gemv_bf16",
+            cfg,
+            &[&x, &w, &ids, &y, &(n as i32), &(k as i32), &(topk as i32), &(x_per_slot as i32)],
+        )
+    }
+
+    /// `out[t] += Σ_j wts[t·k + j] · y[t·k + j]` for `tokens` rows of `width`.
+    ///
+    /// # Safety
+    /// `y`: `tokens·k × width`, `wts`: `tokens·k`, `out`: `tokens × width` f32.
+    pub unsafe fn moe_combine_add(
+        &self,
+        y: u64,
+        wts: u64,
+        out: u64,
+        tokens: usize,
+        k: usize,
+        width: usize,
+    ) -> Result<()> {
+        self.launch("moe_combine_add", rows(tokens, 256), &[&y, &wts, &out, &(k as i32), &(width as i32)])
+    }
+
+    /// Starts capturing this GPU's stream into a CUDA graph.
+    pub fn begin_capture(&self) -> Result<()> {
+        self.stream
+            .begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(drv)
+    }
+
+    /// Ends a capture and instantiates the graph.
+    pub fn end_capture(&self) -> Result<cudarc::driver::CudaGraph> {
+        self.stream
+            .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
+            .map_err(drv)?
+            .ok_or_else(|| Error::Driver("stream capture produced no graph".into()))
     }
 
     /// Fills `n` bf16 values with deterministic noise in `[-scale, scale)`.

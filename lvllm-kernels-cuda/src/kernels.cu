@@ -215,3 +215,83 @@ extern "C" __global__ void sum_halves(const float* y2, float* y, long long n) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) y[i] = y2[i] + y2[n + i];
 }
+
+#define GEMV_MAX_T 16
+
+// Loads 8 bf16 weights (16 bytes) as f32.
+__device__ __forceinline__ void load8(const bf16_t* p, float* w) {
+    const uint4 v = *reinterpret_cast<const uint4*>(p);
+    const unsigned u[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        w[2 * i] = __uint_as_float(u[i] << 16);
+        w[2 * i + 1] = __uint_as_float(u[i] & 0xffff0000u);
+    }
+}
+
+// One warp computes y[r, n] = Σ_k x[r, k] · w[n, k] for rows r < T of x
+// (x rows `x_stride` apart). f32 activations, bf16 weights, f32 accumulation.
+__device__ __forceinline__ void warp_gemv_row(const float* x, long long x_stride, const bf16_t* wr, float* acc, int T, int K) {
+    const int lane = threadIdx.x & 31;
+    if ((K & 7) == 0) {
+        for (int k0 = lane * 8; k0 < K; k0 += 256) {
+            float w[8];
+            load8(wr + k0, w);
+#pragma unroll
+            for (int t = 0; t < GEMV_MAX_T; t++) {
+                if (t < T) {
+                    const float* xr = x + t * x_stride + k0;
+                    const float4 a = *reinterpret_cast<const float4*>(xr);
+                    const float4 b = *reinterpret_cast<const float4*>(xr + 4);
+                    acc[t] += a.x * w[0] + a.y * w[1] + a.z * w[2] + a.w * w[3] + b.x * w[4] + b.y * w[5] + b.z * w[6] + b.w * w[7];
+                }
+            }
+        }
+    } else {
+        for (int k = lane; k < K; k += 32) {
+            const float wk = bf2f(wr[k]);
+#pragma unroll
+            for (int t = 0; t < GEMV_MAX_T; t++)
+                if (t < T) acc[t] += x[t * x_stride + k] * wk;
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < GEMV_MAX_T; t++)
+        if (t < T) acc[t] = warp_sum(acc[t]);
+}
+
+// y[t, n] = Σ_k x[t, k] · w[n, k] for T ≤ 16 tokens.  grid: ⌈N/8⌉, block: 256 (a warp per row)
+extern "C" __global__ void gemv_bf16(const float* x, const bf16_t* w, float* y, int T, int N, int K) {
+    const int n = blockIdx.x * 8 + (threadIdx.x >> 5);
+    if (n >= N) return;
+    float acc[GEMV_MAX_T];
+#pragma unroll
+    for (int t = 0; t < GEMV_MAX_T; t++) acc[t] = 0.f;
+    warp_gemv_row(x, K, w + (size_t)n * K, acc, T, K);
+    if ((threadIdx.x & 31) == 0)
+        for (int t = 0; t < T; t++) y[(size_t)t * N + n] = acc[t];
+}
+
+// Routed expert rows: for slot s (token s / topk, expert ids[s]),
+// y[s, n] = Σ_k x[row, k] · w[ids[s], n, k] where row = s / topk, or s when
+// x_per_slot.  w: [E, N, K].  grid: (⌈N/8⌉, S), block: 256
+extern "C" __global__ void moe_gemv_bf16(const float* x, const bf16_t* w, const int* ids, float* y, int N, int K,
+                                         int topk, int x_per_slot) {
+    const int n = blockIdx.x * 8 + (threadIdx.x >> 5), s = blockIdx.y;
+    if (n >= N) return;
+    const int row = x_per_slot ? s : s / topk;
+    float acc[GEMV_MAX_T];
+    acc[0] = 0.f;
+    warp_gemv_row(x + (size_t)row * K, K, w + ((size_t)ids[s] * N + n) * K, acc, 1, K);
+    if ((threadIdx.x & 31) == 0) y[(size_t)s * N + n] = acc[0];
+}
+
+// out[t, :] += Σ_j wts[t·k + j] · y[t·k + j, :]   grid: tokens
+extern "C" __global__ void moe_combine_add(const float* y, const float* wts, float* out, int k, int width) {
+    const int t = blockIdx.x;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) {
+        float s = 0.f;
+        for (int j = 0; j < k; j++) s += wts[t * k + j] * y[((size_t)t * k + j) * width + i];
+        out[(size_t)t * width + i] += s;
+    }
+}

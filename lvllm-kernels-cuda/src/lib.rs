@@ -15,7 +15,8 @@
 
 mod gpu;
 
-pub use gpu::{DevBuf, Gpu};
+pub use cudarc::driver::CudaGraph;
+pub use gpu::{DevBuf, Gpu, GEMV_MAX_T};
 
 /// Errors of `lvllm-kernels-cuda`.
 #[derive(Debug, thiserror::Error)]

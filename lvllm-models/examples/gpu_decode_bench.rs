@@ -1,7 +1,7 @@
 //! Decode tokens/s of Qwen3-MoE on one GPU with all experts in VRAM and random
 //! weights of real shapes (`load_format: dummy`), next to the GPU-bandwidth bound.
 //!
-//! `cargo run --release --features cuda -p lvllm-models --example gpu_decode_bench -- [config.json] [steps]`
+//! `cargo run --release --features cuda -p lvllm-models --example gpu_decode_bench -- [config.json|-] [steps] [eager]`
 //! (default: the Qwen3-30B-A3B config). Needs a CUDA GPU with room for the model.
 
 #[cfg(feature = "cuda")]
@@ -25,14 +25,21 @@ fn main() -> anyhow::Result<()> {
         _ => QWEN3_30B_A3B.to_string(),
     };
     let steps: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(32);
+    let graphs = args.next().as_deref() != Some("eager");
     let ModelConfig::Qwen3Moe(cfg) = ModelConfig::from_json(cfg_text.as_bytes(), "config")? else { unreachable!() };
     let gpu = Arc::new(Gpu::new(0, Some(&std::env::temp_dir().join("lvllm-kernels")))?);
     let block_size = 16;
     let max_batch = 8;
     let blocks_per_seq = (steps + 2).div_ceil(block_size);
     let t0 = Instant::now();
-    let model =
-        CudaQwen3Moe::load(gpu.clone(), &cfg, GpuWeights::Dummy { seed: 1 }, block_size, max_batch * blocks_per_seq)?;
+    let model = CudaQwen3Moe::load(
+        gpu.clone(),
+        &cfg,
+        GpuWeights::Dummy { seed: 1 },
+        block_size,
+        max_batch * blocks_per_seq,
+        graphs,
+    )?;
     let (free, total) = gpu.mem_info()?;
     println!(
         "# {} ({:.1} GB free of {:.1}); dummy weights uploaded in {:.1} s",
@@ -55,6 +62,7 @@ fn main() -> anyhow::Result<()> {
             + dense_layers * 3 * h * cfg.intermediate_size
             + cfg.vocab_size * h);
     let gpu_bw = 3.35e12; // H100 SXM HBM3 peak; the achieved figure is printed by the roofline column.
+    println!("# decode steps: {}", if graphs { "CUDA graphs" } else { "eager" });
     println!("| batch | decode tok/s | ms/step | bytes/step (GB) | bandwidth-bound tok/s | ratio |");
     println!("|---|---|---|---|---|---|");
     for batch in [1usize, 8] {

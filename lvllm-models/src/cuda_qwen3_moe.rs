@@ -5,10 +5,16 @@
 //! two bf16 terms (`hi = bf16(x)`, `lo = bf16(x − hi)`) stacked as extra rows of
 //! one GEMM and summed after: ~16 mantissa bits of the activation, while the
 //! weights are still read once (decode is bound by that read, not by the doubled
-//! arithmetic). Experts run as one cuBLAS GEMM pair per
-//! active expert over its gathered tokens (the router's ids come back to the host
-//! to group them, so this path is not graph-capturable yet). The KV cache is
-//! paged on the device with the same block tables as the CPU path.
+//! arithmetic). The KV cache is paged on the device with the same block tables as
+//! the CPU path.
+//!
+//! Two paths:
+//! - **prefill / large batches** (eager): cuBLAS GEMMs; routed experts grouped on
+//!   the host (the router's ids come back) and run as one GEMM triple per expert;
+//! - **decode** (every sequence one token, at most `GEMV_MAX_T` of them): f32 ×
+//!   bf16 GEMV kernels, routed experts straight from the device-side top-k ids
+//!   (`moe_gemv_bf16`), static buffers, no host round trip — so the whole step is
+//!   captured once per batch size as a CUDA graph and replayed.
 
 use std::sync::Arc;
 
@@ -45,8 +51,43 @@ struct Mat {
 }
 
 enum Ffn {
-    Dense { gate: Mat, up: Mat, down: Mat },
-    Moe { router: Mat, experts: Vec<[Mat; 3]> },
+    Dense {
+        gate: Mat,
+        up: Mat,
+        down: Mat,
+    },
+    /// All experts of the layer contiguous: `gate`/`up` `[E·I, H]`, `down` `[E·H, I]`.
+    Moe {
+        router: Mat,
+        gate: Mat,
+        up: Mat,
+        down: Mat,
+    },
+}
+
+/// Buffers of the decode path, sized for `GEMV_MAX_T` tokens at load so the
+/// step can be captured as a CUDA graph.
+struct Workspace {
+    ids: DevBuf<u32>,
+    pos: DevBuf<i32>,
+    seq: DevBuf<i32>,
+    slots: DevBuf<i32>,
+    tables: DevBuf<i32>,
+    x: DevBuf<f32>,
+    a: DevBuf<f32>,
+    q: DevBuf<f32>,
+    k: DevBuf<f32>,
+    v: DevBuf<f32>,
+    att: DevBuf<f32>,
+    o: DevBuf<f32>,
+    rlog: DevBuf<f32>,
+    topi: DevBuf<i32>,
+    topw: DevBuf<f32>,
+    g: DevBuf<f32>,
+    u: DevBuf<f32>,
+    act: DevBuf<f32>,
+    y: DevBuf<f32>,
+    logits: DevBuf<f32>,
 }
 
 struct Layer {
@@ -74,7 +115,17 @@ pub struct CudaQwen3Moe {
     kv: Vec<(DevBuf<f32>, DevBuf<f32>)>,
     block_size: usize,
     num_blocks: usize,
+    ws: Workspace,
+    /// Captured decode steps by batch size (`None`: graphs off).
+    graphs: Option<std::sync::Mutex<std::collections::HashMap<usize, lvllm_kernels_cuda::CudaGraph>>>,
 }
+
+// SAFETY: the raw CUDA handles inside (graphs, buffers) belong to this model's
+// context and stream; all use goes through `&self` methods that enqueue on that
+// one stream, and graphs sit behind a Mutex.
+unsafe impl Send for CudaQwen3Moe {}
+// SAFETY: as above.
+unsafe impl Sync for CudaQwen3Moe {}
 
 impl std::fmt::Debug for CudaQwen3Moe {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -90,8 +141,35 @@ impl CudaQwen3Moe {
         weights: GpuWeights<'_>,
         block_size: usize,
         num_blocks: usize,
+        cuda_graphs: bool,
     ) -> Result<Self> {
         let (h, hd, nh, nkv) = (cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads);
+        let stacked = |names: &dyn Fn(usize) -> String, count: usize, rows: usize, cols: usize| -> Result<Mat> {
+            let mut buf = gpu.alloc::<u16>(count * rows * cols).map_err(gpu_err)?;
+            match weights {
+                GpuWeights::Checkpoint(src) => {
+                    for e in 0..count {
+                        let t = src.get_float(&names(e), &[rows, cols])?;
+                        gpu.upload_at(&bf16_bits(&t)?, &mut buf, e * rows * cols).map_err(gpu_err)?;
+                    }
+                }
+                GpuWeights::Dummy { seed } => {
+                    let scale = 1.0 / (cols as f32).sqrt();
+                    let salt = (count * rows * cols) as u32 ^ names(0).len() as u32;
+                    // SAFETY: `buf` holds count × rows × cols bf16.
+                    unsafe {
+                        gpu.fill_random_bf16(
+                            gpu.ptr(&buf),
+                            count * rows * cols,
+                            seed ^ salt.wrapping_mul(0x85eb_ca6b),
+                            scale,
+                        )
+                    }
+                    .map_err(gpu_err)?;
+                }
+            }
+            Ok(Mat { buf, rows: count * rows, cols })
+        };
         let mut seed = 0u32;
         let mut mat = |name: &str, rows: usize, cols: usize| -> Result<Mat> {
             match weights {
@@ -129,17 +207,11 @@ impl CudaQwen3Moe {
             let ffn = if cfg.is_moe_layer(l) {
                 let i = cfg.moe_intermediate_size;
                 let router = mat(&format!("{p}.mlp.gate.weight"), cfg.num_experts, h)?;
-                let experts = (0..cfg.num_experts)
-                    .map(|e| {
-                        let ep = format!("{p}.mlp.experts.{e}");
-                        Ok([
-                            mat(&format!("{ep}.gate_proj.weight"), i, h)?,
-                            mat(&format!("{ep}.up_proj.weight"), i, h)?,
-                            mat(&format!("{ep}.down_proj.weight"), h, i)?,
-                        ])
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                Ffn::Moe { router, experts }
+                let ne = cfg.num_experts;
+                let gate = stacked(&|e| format!("{p}.mlp.experts.{e}.gate_proj.weight"), ne, i, h)?;
+                let up = stacked(&|e| format!("{p}.mlp.experts.{e}.up_proj.weight"), ne, i, h)?;
+                let down = stacked(&|e| format!("{p}.mlp.experts.{e}.down_proj.weight"), ne, h, i)?;
+                Ffn::Moe { router, gate, up, down }
             } else {
                 let i = cfg.intermediate_size;
                 Ffn::Dense {
@@ -168,8 +240,35 @@ impl CudaQwen3Moe {
         let kv = (0..cfg.num_hidden_layers)
             .map(|_| Ok((gpu.alloc::<f32>(slots).map_err(gpu_err)?, gpu.alloc::<f32>(slots).map_err(gpu_err)?)))
             .collect::<Result<Vec<_>>>()?;
+        let mt = lvllm_kernels_cuda::GEMV_MAX_T;
+        let (k, i) = (cfg.num_experts_per_tok.max(1), cfg.moe_intermediate_size.max(cfg.intermediate_size));
+        let f = |n: usize| gpu.alloc::<f32>(n).map_err(gpu_err);
+        let ws = Workspace {
+            ids: gpu.alloc::<u32>(mt).map_err(gpu_err)?,
+            pos: gpu.alloc::<i32>(mt).map_err(gpu_err)?,
+            seq: gpu.alloc::<i32>(mt).map_err(gpu_err)?,
+            slots: gpu.alloc::<i32>(mt).map_err(gpu_err)?,
+            tables: gpu.alloc::<i32>(mt * num_blocks).map_err(gpu_err)?,
+            x: f(mt * h)?,
+            a: f(mt * h)?,
+            q: f(mt * nh * hd)?,
+            k: f(mt * nkv * hd)?,
+            v: f(mt * nkv * hd)?,
+            att: f(mt * nh * hd)?,
+            o: f(mt * h)?,
+            rlog: f(mt * cfg.num_experts.max(1))?,
+            topi: gpu.alloc::<i32>(mt * k).map_err(gpu_err)?,
+            topw: f(mt * k)?,
+            g: f(mt * k * i)?,
+            u: f(mt * k * i)?,
+            act: f(mt * k * i)?,
+            y: f(mt * k * h.max(i))?,
+            logits: f(mt * cfg.vocab_size)?,
+        };
         gpu.synchronize().map_err(gpu_err)?;
         Ok(CudaQwen3Moe {
+            ws,
+            graphs: cuda_graphs.then(|| std::sync::Mutex::new(std::collections::HashMap::new())),
             gpu,
             cfg: cfg.clone(),
             embed,
@@ -201,6 +300,9 @@ impl CudaQwen3Moe {
             return Err(Error::Input(format!("token id {bad} is outside the vocabulary of {}", cfg.vocab_size)));
         }
         let e = gpu_err;
+        if n <= lvllm_kernels_cuda::GEMV_MAX_T && batch.seqs.iter().all(|s| s.len == 1) {
+            return self.decode(batch);
+        }
         // Per-token metadata.
         let max_blocks = batch.seqs.iter().map(|s| s.block_table.len()).max().unwrap_or(1).max(1);
         let mut tables = vec![0i32; batch.seqs.len() * max_blocks];
@@ -275,8 +377,8 @@ impl CudaQwen3Moe {
                         let y = self.mlp(&a, n, gate, up, down)?;
                         g.add_inplace(p(&x), p(&y), n * h).map_err(e)?;
                     }
-                    Ffn::Moe { router, experts } => {
-                        let y = self.moe(&a, n, router, experts)?;
+                    Ffn::Moe { router, gate, up, down } => {
+                        let y = self.moe(&a, n, router, [gate, up, down])?;
                         g.add_inplace(p(&x), p(&y), n * h).map_err(e)?;
                     }
                 }
@@ -308,39 +410,185 @@ impl CudaQwen3Moe {
         }
     }
 
-    /// `y[t, rows] = x[t, cols] · Wᵀ` for f32 `x`, through the two-term bf16 split.
-    fn linear(&self, x: &DevBuf<f32>, w: &Mat, y: &DevBuf<f32>, t: usize) -> Result<()> {
+    /// One decode step of `n ≤ GEMV_MAX_T` sequences (one token each): metadata to
+    /// the static buffers, then the captured graph for `n` (or the eager kernels).
+    fn decode(&self, batch: &ForwardBatch<'_>) -> Result<Logits> {
         let g = &*self.gpu;
         let e = gpu_err;
-        let xs = g.alloc::<u16>(2 * t * w.cols).map_err(e)?;
-        let y2 = g.alloc::<f32>(2 * t * w.rows).map_err(e)?;
-        // SAFETY: `x` holds ≥ t × cols f32 and `y` ≥ t × rows f32 (callers size
-        // them); `xs` and `y2` are sized for the 2t stacked rows here.
+        let n = batch.tokens.len();
+        let nb = self.num_blocks;
+        let mut tables = vec![0i32; n * nb];
+        let (mut seq, mut slots) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for (si, s) in batch.seqs.iter().enumerate() {
+            for (b, &blk) in s.block_table.iter().take(nb).enumerate() {
+                tables[si * nb + b] = blk as i32;
+            }
+            let p = batch.positions[si];
+            seq.push(si as i32);
+            slots.push((s.block_table[p / self.block_size] as usize * self.block_size + p % self.block_size) as i32);
+        }
+        let pos: Vec<i32> = batch.positions.iter().map(|&p| p as i32).collect();
+        // The metadata buffers are written only by these copies, on the model's
+        // stream, so they are ordered before the step that reads them.
+        let ws = &self.ws;
+        // SAFETY: each buffer is this model's, sized for GEMV_MAX_T ≥ n tokens
+        // (tables: GEMV_MAX_T × num_blocks), and the data fits.
         unsafe {
-            g.split_bf16(g.ptr(x), g.ptr(&xs), t * w.cols).map_err(e)?;
-            g.gemm_bf16(g.ptr(&xs), g.ptr(&w.buf), g.ptr(&y2), 2 * t, w.rows, w.cols).map_err(e)?;
-            g.sum_halves(g.ptr(&y2), g.ptr(y), t * w.rows).map_err(e)
+            g.upload_to(batch.tokens, g.ptr(&ws.ids)).map_err(e)?;
+            g.upload_to(&pos, g.ptr(&ws.pos)).map_err(e)?;
+            g.upload_to(&seq, g.ptr(&ws.seq)).map_err(e)?;
+            g.upload_to(&slots, g.ptr(&ws.slots)).map_err(e)?;
+            g.upload_to(&tables, g.ptr(&ws.tables)).map_err(e)?;
+        }
+        match &self.graphs {
+            Some(graphs) => {
+                let mut map = graphs.lock().unwrap_or_else(|p| p.into_inner());
+                let graph = match map.entry(n) {
+                    std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        g.begin_capture().map_err(e)?;
+                        let r = self.decode_kernels(n);
+                        let graph = g.end_capture().map_err(e);
+                        r?;
+                        v.insert(graph?)
+                    }
+                };
+                graph.launch().map_err(|err| Error::Input(format!("CUDA graph launch: {err:?}")))?;
+            }
+            None => self.decode_kernels(n)?,
+        }
+        let data = g.download_n(&ws.logits, n * self.cfg.vocab_size).map_err(e)?;
+        if data.iter().any(|v| !v.is_finite()) {
+            return Err(Error::Input("the GPU decode step produced non-finite logits".into()));
+        }
+        Ok(Logits { rows: (0..n).collect(), vocab: self.cfg.vocab_size, data })
+    }
+
+    /// The kernels of one decode step over the static workspace (capturable:
+    /// no allocation, no host synchronisation).
+    fn decode_kernels(&self, n: usize) -> Result<()> {
+        let cfg = &self.cfg;
+        let g = &*self.gpu;
+        let e = gpu_err;
+        let ws = &self.ws;
+        let (h, hd, nh, nkv) = (cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads);
+        let eps = cfg.rms_norm_eps as f32;
+        let p = |b: &DevBuf<f32>| g.ptr(b);
+        let gemv = |x: &DevBuf<f32>, m: &Mat, y: &DevBuf<f32>| {
+            // SAFETY: workspace rows hold GEMV_MAX_T ≥ n tokens of each width.
+            unsafe { g.gemv_bf16(p(x), g.ptr(&m.buf), p(y), n, m.rows, m.cols) }.map_err(e)
+        };
+        // SAFETY: for every launch below, the workspace buffers are sized for
+        // GEMV_MAX_T ≥ n tokens (and k slots per token), the metadata buffers were
+        // filled for n tokens, and the weights have the config's shapes.
+        unsafe {
+            g.embedding(g.ptr(&ws.ids), g.ptr(&self.embed.buf), p(&ws.x), n, h).map_err(e)?;
+            for (l, layer) in self.layers.iter().enumerate() {
+                let (kc, vc) = &self.kv[l];
+                g.rmsnorm(p(&ws.x), p(&layer.in_norm), p(&ws.a), n, h, eps).map_err(e)?;
+                gemv(&ws.a, &layer.q, &ws.q)?;
+                gemv(&ws.a, &layer.k, &ws.k)?;
+                gemv(&ws.a, &layer.v, &ws.v)?;
+                g.rmsnorm(p(&ws.q), p(&layer.q_norm), p(&ws.q), n * nh, hd, eps).map_err(e)?;
+                g.rmsnorm(p(&ws.k), p(&layer.k_norm), p(&ws.k), n * nkv, hd, eps).map_err(e)?;
+                g.rope_neox(p(&ws.q), g.ptr(&ws.pos), p(&self.inv_freq), self.rope_scaling, n, nh, hd).map_err(e)?;
+                g.rope_neox(p(&ws.k), g.ptr(&ws.pos), p(&self.inv_freq), self.rope_scaling, n, nkv, hd).map_err(e)?;
+                g.kv_write(p(&ws.k), p(&ws.v), p(kc), p(vc), g.ptr(&ws.slots), n, nkv * hd).map_err(e)?;
+                g.paged_attention(
+                    p(&ws.q),
+                    p(kc),
+                    p(vc),
+                    p(&ws.att),
+                    g.ptr(&ws.pos),
+                    g.ptr(&ws.seq),
+                    g.ptr(&ws.tables),
+                    self.num_blocks,
+                    self.block_size,
+                    n,
+                    nh,
+                    nkv,
+                    hd,
+                    1.0 / (hd as f32).sqrt(),
+                )
+                .map_err(e)?;
+                gemv(&ws.att, &layer.o, &ws.o)?;
+                g.add_inplace(p(&ws.x), p(&ws.o), n * h).map_err(e)?;
+                g.rmsnorm(p(&ws.x), p(&layer.post_norm), p(&ws.a), n, h, eps).map_err(e)?;
+                match &layer.ffn {
+                    Ffn::Dense { gate, up, down } => {
+                        gemv(&ws.a, gate, &ws.g)?;
+                        gemv(&ws.a, up, &ws.u)?;
+                        g.silu_mul(p(&ws.g), p(&ws.u), p(&ws.act), n * gate.rows).map_err(e)?;
+                        gemv(&ws.act, down, &ws.o)?;
+                        g.add_inplace(p(&ws.x), p(&ws.o), n * h).map_err(e)?;
+                    }
+                    Ffn::Moe { router, gate, up, down } => {
+                        let (k, ne, i) = (cfg.num_experts_per_tok, cfg.num_experts, cfg.moe_intermediate_size);
+                        gemv(&ws.a, router, &ws.rlog)?;
+                        g.router_topk(p(&ws.rlog), n, ne, k, cfg.norm_topk_prob, g.ptr(&ws.topi), p(&ws.topw))
+                            .map_err(e)?;
+                        let s = n * k;
+                        g.moe_gemv_bf16(p(&ws.a), g.ptr(&gate.buf), g.ptr(&ws.topi), p(&ws.g), s, i, h, k, false)
+                            .map_err(e)?;
+                        g.moe_gemv_bf16(p(&ws.a), g.ptr(&up.buf), g.ptr(&ws.topi), p(&ws.u), s, i, h, k, false)
+                            .map_err(e)?;
+                        g.silu_mul(p(&ws.g), p(&ws.u), p(&ws.act), s * i).map_err(e)?;
+                        g.moe_gemv_bf16(p(&ws.act), g.ptr(&down.buf), g.ptr(&ws.topi), p(&ws.y), s, h, i, k, true)
+                            .map_err(e)?;
+                        g.moe_combine_add(p(&ws.y), p(&ws.topw), p(&ws.x), n, k, h).map_err(e)?;
+                    }
+                }
+            }
+            g.rmsnorm(p(&ws.x), p(&self.norm), p(&ws.a), n, h, eps).map_err(e)?;
+            let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+            gemv(&ws.a, head, &ws.logits)?;
+        }
+        Ok(())
+    }
+
+    /// `y[t, rows] = x[t, cols] · Wᵀ` for f32 `x`, through the two-term bf16 split.
+    fn linear(&self, x: &DevBuf<f32>, w: &Mat, y: &DevBuf<f32>, t: usize) -> Result<()> {
+        self.linear_at(x, self.gpu.ptr(&w.buf), w.rows, w.cols, y, t)
+    }
+
+    /// [`Self::linear`] on a `rows × cols` bf16 matrix at device address `w`.
+    fn linear_at(&self, x: &DevBuf<f32>, w: u64, rows: usize, cols: usize, y: &DevBuf<f32>, t: usize) -> Result<()> {
+        let g = &*self.gpu;
+        let e = gpu_err;
+        let xs = g.alloc::<u16>(2 * t * cols).map_err(e)?;
+        let y2 = g.alloc::<f32>(2 * t * rows).map_err(e)?;
+        // SAFETY: `x` holds ≥ t × cols f32, `w` rows × cols bf16 and `y` ≥ t × rows
+        // f32 (callers size them); `xs` and `y2` are sized for the 2t stacked rows.
+        unsafe {
+            g.split_bf16(g.ptr(x), g.ptr(&xs), t * cols).map_err(e)?;
+            g.gemm_bf16(g.ptr(&xs), w, g.ptr(&y2), 2 * t, rows, cols).map_err(e)?;
+            g.sum_halves(g.ptr(&y2), g.ptr(y), t * rows).map_err(e)
         }
     }
 
     /// Dense SwiGLU MLP of `n` rows of `a` (f32); returns `[n, hidden]`.
     fn mlp(&self, a: &DevBuf<f32>, n: usize, gate: &Mat, up: &Mat, down: &Mat) -> Result<DevBuf<f32>> {
         let g = &*self.gpu;
+        self.mlp_at(a, n, [g.ptr(&gate.buf), g.ptr(&up.buf), g.ptr(&down.buf)], gate.rows, gate.cols)
+    }
+
+    /// SwiGLU MLP with `gate`/`up` (`i × h`) and `down` (`h × i`) at device addresses.
+    fn mlp_at(&self, a: &DevBuf<f32>, n: usize, w: [u64; 3], i: usize, h: usize) -> Result<DevBuf<f32>> {
+        let g = &*self.gpu;
         let e = gpu_err;
-        let i = gate.rows;
         let (gb, ub, act) =
             (g.alloc::<f32>(n * i).map_err(e)?, g.alloc::<f32>(n * i).map_err(e)?, g.alloc::<f32>(n * i).map_err(e)?);
-        let y = g.alloc::<f32>(n * down.rows).map_err(e)?;
-        self.linear(a, gate, &gb, n)?;
-        self.linear(a, up, &ub, n)?;
+        let y = g.alloc::<f32>(n * h).map_err(e)?;
+        self.linear_at(a, w[0], i, h, &gb, n)?;
+        self.linear_at(a, w[1], i, h, &ub, n)?;
         // SAFETY: buffers sized for n rows of the intermediate width.
         unsafe { g.silu_mul(g.ptr(&gb), g.ptr(&ub), g.ptr(&act), n * i) }.map_err(e)?;
-        self.linear(&act, down, &y, n)?;
+        self.linear_at(&act, w[2], h, i, &y, n)?;
         Ok(y)
     }
 
     /// The routed experts of `n` rows of `a`; returns `[n, hidden]`.
-    fn moe(&self, a: &DevBuf<f32>, n: usize, router: &Mat, experts: &[[Mat; 3]]) -> Result<DevBuf<f32>> {
+    fn moe(&self, a: &DevBuf<f32>, n: usize, router: &Mat, experts: [&Mat; 3]) -> Result<DevBuf<f32>> {
         let g = &*self.gpu;
         let e = gpu_err;
         let cfg = &self.cfg;
@@ -369,8 +617,9 @@ impl CudaQwen3Moe {
             let xg = g.alloc::<f32>(m * h).map_err(e)?;
             // SAFETY: `tok` indexes rows of `a`; xg holds m rows.
             unsafe { g.gather_rows(g.ptr(a), g.ptr(&d_tok), g.ptr(&xg), m, h) }.map_err(e)?;
-            let [gate, up, down] = &experts[ex];
-            let out = self.mlp(&xg, m, gate, up, down)?;
+            let i = cfg.moe_intermediate_size;
+            let at = |mat: &Mat| g.ptr(&mat.buf) + (ex * mat.rows / ne * mat.cols * 2) as u64;
+            let out = self.mlp_at(&xg, m, [at(experts[0]), at(experts[1]), at(experts[2])], i, h)?;
             // SAFETY: `out` holds m rows; `tok` is distinct within one expert.
             unsafe { g.scatter_add_weighted(g.ptr(&out), g.ptr(&d_tok), g.ptr(&d_w), g.ptr(&y), m, h) }.map_err(e)?;
         }
@@ -378,11 +627,15 @@ impl CudaQwen3Moe {
     }
 }
 
-/// Uploads a float tensor as bf16 (converting f16/f32 on the host).
-fn upload_bf16(gpu: &Gpu, t: &HostTensor) -> Result<DevBuf<u16>> {
-    let bits: Vec<u16> = match t.dtype() {
+/// A float tensor as bf16 bits (converting f16/f32 on the host).
+fn bf16_bits(t: &HostTensor) -> Result<Vec<u16>> {
+    Ok(match t.dtype() {
         DType::BF16 => t.typed::<bf16>()?.iter().map(|v| v.to_bits()).collect(),
         _ => t.to_f32_vec()?.into_iter().map(|v| bf16::from_f32(v).to_bits()).collect(),
-    };
-    gpu.upload(&bits).map_err(gpu_err)
+    })
+}
+
+/// Uploads a float tensor as bf16.
+fn upload_bf16(gpu: &Gpu, t: &HostTensor) -> Result<DevBuf<u16>> {
+    gpu.upload(&bf16_bits(t)?).map_err(gpu_err)
 }

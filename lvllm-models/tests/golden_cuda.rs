@@ -49,7 +49,8 @@ fn gpu_logits_track_hf_f32() {
             unreachable!()
         };
         let src = WeightSource::from_dir(&dir).unwrap();
-        let model = CudaQwen3Moe::load(g.clone(), &cfg, GpuWeights::Checkpoint(&src), 16, 8).unwrap();
+        let model = CudaQwen3Moe::load(g.clone(), &cfg, GpuWeights::Checkpoint(&src), 16, 8, true).unwrap();
+        let eager = CudaQwen3Moe::load(g.clone(), &cfg, GpuWeights::Checkpoint(&src), 16, 8, false).unwrap();
         let r = WeightSource::from_files(vec![SafetensorsFile::open(&dir.join("reference.safetensors")).unwrap()]);
         let prompt: Vec<u32> =
             r.get("prompt_ids").unwrap().to_i64_vec().unwrap().into_iter().map(|v| v as u32).collect();
@@ -66,14 +67,18 @@ fn gpu_logits_track_hf_f32() {
         let cos: Vec<f64> = (0..t).map(|i| cosine(got.row(i), &want[i * v..(i + 1) * v])).collect();
         let min_cos = cos.iter().copied().fold(1.0, f64::min);
         let agree = (0..t).filter(|&i| argmax(got.row(i)) == argmax(&want[i * v..(i + 1) * v])).count();
-        // Greedy decode through the device KV cache.
+        // Greedy decode through the device KV cache: CUDA-graph replay and eager
+        // kernels must give the same logits, bit for bit.
+        eager.forward(&b).unwrap();
         let mut next = argmax(got.row(t - 1)) as u32;
         let mut toks = vec![next];
         for step in 1..greedy.len() {
             let pos = [t + step - 1];
             let seqs = [SeqSpan { len: 1, block_table: &table, state_slot: None }];
             let b = ForwardBatch { tokens: &[next], positions: &pos, seqs: &seqs, logits: LogitsSelection::LastPerSeq };
-            next = argmax(model.forward(&b).unwrap().row(0)) as u32;
+            let (lg, le) = (model.forward(&b).unwrap(), eager.forward(&b).unwrap());
+            assert_eq!(lg.data, le.data, "{name}: graph and eager decode differ at step {step}");
+            next = argmax(lg.row(0)) as u32;
             toks.push(next);
         }
         let same = toks.iter().zip(&greedy).take_while(|(a, b)| a == b).count();
@@ -83,6 +88,7 @@ fn gpu_logits_track_hf_f32() {
             greedy.len()
         );
         assert!(min_cos >= 0.999, "{name}: min cosine {min_cos}");
+        assert_eq!(toks, greedy, "{name}: greedy tokens (graph decode) vs HF f32");
         assert!(agree * 10 >= 9 * t, "{name}: argmax agreement {agree}/{t}");
     }
 }

@@ -116,6 +116,9 @@ struct GenerateArgs {
     /// Park idle expert workers at once instead of spinning.
     #[arg(long)]
     power_saving: bool,
+    /// Run CUDA decode steps eagerly instead of replaying captured CUDA graphs.
+    #[arg(long)]
+    enforce_eager: bool,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -161,7 +164,8 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
             None => Device::Cpu,
         })
         .threads(threads)
-        .moe_weight(args.moe_weight);
+        .moe_weight(args.moe_weight)
+        .enforce_eager(args.enforce_eager);
     builder = match &args.model {
         Some(dir) => builder.model(dir),
         None => builder.embedded(bundled::tiny_model()),
