@@ -9,6 +9,7 @@ log() { tee -a "${OUT:-/tmp}/gpu-check.log"; }
 echo "== kernels vs CPU references";      "$B/gpu_kernels_test" --nocapture 2>&1 | grep -E "max|device|result|panicked|SKIPPED" | log
 echo "== golden fixtures vs HF f32";      "$B/golden_cuda" --nocapture 2>&1 | grep -E "cosine|result|panicked|SKIPPED" | log
 echo "== engine: GPU vs CPU greedy chat"; "$B/server_bundled" --nocapture gpu_and_cpu 2>&1 | grep -E "gpu|result|panicked|SKIPPED" | log
+echo "== lvllm generate --device cuda (KV cache from --gpu-memory-utilization)"; "$B/lvllm" generate --device cuda --gpu-memory-utilization 0.01 --prompt hi 2>&1 | tail -1 | log
 echo "== lvllm generate --device cuda";   "$B/lvllm" generate --device cuda --chat --prompt "What is the capital of France?" \
     --chat-template-kwargs '{"enable_thinking": false}' 2>&1 | log
 echo "== decode, Qwen3-30B-A3B shapes, dummy weights, all experts on the GPU"

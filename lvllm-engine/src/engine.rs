@@ -35,6 +35,9 @@ pub const DEFAULT_BLOCK_SIZE: usize = 16;
 /// gigabytes by default. `max_model_len` shrinks to what fits.
 pub const DEFAULT_KV_CACHE_BYTES: usize = 2 << 30;
 
+/// Fraction of GPU memory the CUDA path may use (weights + KV cache), as vLLM.
+pub const DEFAULT_GPU_MEMORY_UTILIZATION: f32 = 0.9;
+
 /// A model held in memory (e.g. embedded in a binary with `include_bytes!`).
 #[derive(Debug, Clone, Copy)]
 pub struct EmbeddedModel {
@@ -90,6 +93,7 @@ pub struct EngineBuilder {
     block_size: Option<usize>,
     kernel_cache_dir: Option<PathBuf>,
     eager: bool,
+    gpu_memory_utilization: Option<f32>,
 }
 
 impl EngineBuilder {
@@ -139,6 +143,13 @@ impl EngineBuilder {
     /// Where compiled CUDA kernels are cached (default: none, compile each run).
     pub fn kernel_cache_dir(mut self, dir: impl AsRef<Path>) -> Self {
         self.kernel_cache_dir = Some(dir.as_ref().to_path_buf());
+        self
+    }
+
+    /// Fraction of GPU memory for weights and KV cache (default
+    /// [`DEFAULT_GPU_MEMORY_UTILIZATION`]); the KV cache takes what the weights leave.
+    pub fn gpu_memory_utilization(mut self, fraction: f32) -> Self {
+        self.gpu_memory_utilization = Some(fraction);
         self
     }
 
@@ -195,28 +206,18 @@ impl EngineBuilder {
         let cache_spec = config.cache_spec();
         let bytes_per_block: usize = cache_spec.iter().map(|s| s.bytes_per_block(block_size)).sum();
         let wanted_len = self.max_model_len.unwrap_or(model_max);
-        let budget = self.kv_cache_bytes.unwrap_or(DEFAULT_KV_CACHE_BYTES);
-        let fit_blocks = budget / bytes_per_block.max(1);
-        let num_blocks = wanted_len.div_ceil(block_size).min(fit_blocks);
-        let max_model_len = match self.max_model_len {
-            Some(n) if n > num_blocks * block_size => {
-                return Err(Error::Config(format!(
-                    "max_model_len {n} needs {} KV blocks of {bytes_per_block} bytes but the KV cache budget of {budget} bytes holds {num_blocks}: lower max_model_len or raise the KV cache size",
-                    n.div_ceil(block_size)
-                )))
-            }
-            Some(n) => n,
-            None => wanted_len.min(num_blocks * block_size),
-        };
-        if max_model_len == 0 {
-            return Err(Error::Config(format!(
-                "the KV cache budget of {budget} bytes holds no block of {bytes_per_block} bytes"
-            )));
-        }
-        let backend = match self.device {
+        let wanted_blocks = wanted_len.div_ceil(block_size);
+        let (backend, num_blocks, kv_limit) = match self.device {
             Device::Cpu => {
                 if self.threads.count == Some(0) {
                     return Err(Error::Config("threads must be at least 1".into()));
+                }
+                let budget = self.kv_cache_bytes.unwrap_or(DEFAULT_KV_CACHE_BYTES);
+                let num_blocks = wanted_blocks.min(budget / bytes_per_block.max(1));
+                if num_blocks == 0 {
+                    return Err(Error::Config(format!(
+                        "the KV cache budget of {budget} bytes holds no block of {bytes_per_block} bytes"
+                    )));
                 }
                 let topology =
                     Topology::detect().map_err(|e| Error::Config(format!("reading the CPU topology: {e}")))?;
@@ -235,17 +236,31 @@ impl EngineBuilder {
                 };
                 let model = Model::load(&config, &weights, &load).map_err(Error::ModelLoad)?;
                 let cache = ModelCache::new(&cache_spec, CacheConfig { block_size, num_blocks });
-                Backend::Cpu { model, cache }
+                (Backend::Cpu { model, cache }, num_blocks, format!("the KV cache budget of {budget} bytes"))
             }
-            Device::Cuda(ordinal) => cuda_backend(
-                ordinal,
-                &config,
-                &weights,
-                block_size,
-                num_blocks,
-                self.kernel_cache_dir.as_deref(),
-                !self.eager,
-            )?,
+            Device::Cuda(ordinal) => {
+                let util = self.gpu_memory_utilization.unwrap_or(DEFAULT_GPU_MEMORY_UTILIZATION);
+                let (backend, n) = cuda_backend(
+                    ordinal,
+                    &config,
+                    &weights,
+                    block_size,
+                    (util, wanted_blocks),
+                    self.kernel_cache_dir.as_deref(),
+                    !self.eager,
+                )?;
+                (backend, n, format!("gpu_memory_utilization {util}"))
+            }
+        };
+        let max_model_len = match self.max_model_len {
+            Some(n) if n > num_blocks * block_size => {
+                return Err(Error::Config(format!(
+                    "max_model_len {n} needs {} KV blocks of {bytes_per_block} bytes but {kv_limit} holds {num_blocks}: lower max_model_len or raise the KV cache size",
+                    n.div_ceil(block_size)
+                )))
+            }
+            Some(n) => n,
+            None => wanted_len.min(num_blocks * block_size),
         };
         let mut eos: Vec<u32> = config.eos_token_ids().to_vec();
         if let Some(t) = &tokenizer {
@@ -273,26 +288,21 @@ fn cuda_backend(
     config: &ModelConfig,
     weights: &WeightSource,
     block_size: usize,
-    num_blocks: usize,
+    (utilization, max_blocks): (f32, usize),
     kernel_cache_dir: Option<&Path>,
     cuda_graphs: bool,
-) -> Result<Backend> {
-    use lvllm_models::cuda_qwen3_moe::{CudaQwen3Moe, GpuWeights};
+) -> Result<(Backend, usize)> {
+    use lvllm_models::cuda_qwen3_moe::{CudaQwen3Moe, GpuWeights, KvSizing};
     let device = Device::Cuda(ordinal);
     let gpu = lvllm_kernels_cuda::Gpu::new(ordinal, kernel_cache_dir)
         .map_err(|e| Error::Device { device, msg: e.to_string() })?;
     match config {
         ModelConfig::Qwen3Moe(c) => {
-            let m = CudaQwen3Moe::load(
-                Arc::new(gpu),
-                c,
-                GpuWeights::Checkpoint(weights),
-                block_size,
-                num_blocks,
-                cuda_graphs,
-            )
-            .map_err(Error::ModelLoad)?;
-            Ok(Backend::Cuda(Box::new(m)))
+            let kv = KvSizing::MemoryFraction { utilization, max_blocks };
+            let m = CudaQwen3Moe::load(Arc::new(gpu), c, GpuWeights::Checkpoint(weights), block_size, kv, cuda_graphs)
+                .map_err(Error::ModelLoad)?;
+            let n = m.num_blocks();
+            Ok((Backend::Cuda(Box::new(m)), n))
         }
         #[allow(unreachable_patterns)]
         _ => Err(Error::Device { device, msg: "this architecture has no CUDA path yet".into() }),
@@ -306,10 +316,10 @@ fn cuda_backend(
     _config: &ModelConfig,
     _weights: &WeightSource,
     _block_size: usize,
-    _num_blocks: usize,
+    _kv: (f32, usize),
     _kernel_cache_dir: Option<&Path>,
     _cuda_graphs: bool,
-) -> Result<Backend> {
+) -> Result<(Backend, usize)> {
     Err(Error::Device {
         device: Device::Cuda(ordinal),
         msg: "this build has no CUDA support; rebuild with `--features cuda` or use the CPU device".into(),

@@ -9,7 +9,7 @@ use crate::tokenizer::TokenizerError;
 pub enum Error {
     /// The model could not be loaded (config, checkpoint, tensors).
     #[error("model load failed: {0}")]
-    ModelLoad(#[source] lvllm_models::Error),
+    ModelLoad(lvllm_models::Error),
     /// The engine configuration is invalid.
     #[error("invalid engine configuration: {0}")]
     Config(String),
@@ -40,7 +40,7 @@ pub enum Error {
     InvalidRequest(String),
     /// The forward pass failed.
     #[error("inference failed: {0}")]
-    Inference(#[source] lvllm_models::Error),
+    Inference(lvllm_models::Error),
 }
 
 /// Result alias of this crate.

@@ -73,3 +73,31 @@ pub fn check_libraries() -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    /// cudarc's loader searches CUDA 13 sonames first and also finds 12.x ones.
+    #[test]
+    fn library_candidates_cover_cuda_13_and_12() {
+        for lib in ["nvrtc", "cublas"] {
+            let c = cudarc::get_lib_name_candidates(lib);
+            let i13 = c.iter().position(|n| n == &format!("lib{lib}.so.13")).expect("CUDA 13 soname");
+            let i12 = c.iter().position(|n| n == &format!("lib{lib}.so.12")).expect("CUDA 12 soname");
+            assert!(i13 < i12, "{c:?}");
+        }
+        assert!(cudarc::get_lib_name_candidates("cuda").contains(&"libcuda.so.1".to_string()));
+    }
+
+    /// Without a driver, the check is a typed error, not a panic.
+    #[test]
+    fn missing_libraries_are_errors() {
+        match super::check_libraries() {
+            Ok(()) => println!("CUDA libraries present"),
+            Err(e) => assert!(
+                e.to_string().contains("no CUDA driver")
+                    || e.to_string().contains("no NVRTC")
+                    || e.to_string().contains("no cuBLAS")
+            ),
+        }
+    }
+}

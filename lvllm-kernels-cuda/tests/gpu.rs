@@ -183,6 +183,76 @@ fn kernels_match_cpu_references() {
         }
         close("paged_attention", &g.download(&dout).unwrap(), &want, 1e-5);
 
+        // gemv (f32 activations × bf16 weights) for 1..16 rows, K with and without a multiple of 8
+        for (t, n, k) in [(1usize, 70usize, 256usize), (5, 33, 136), (16, 8, 100)] {
+            let x = rnd(t * k, 20 + t as u64);
+            let wb = bf(&rnd(n * k, 21));
+            let (dx, dw, dy) = (g.upload(&x).unwrap(), g.upload(&wb).unwrap(), g.alloc::<f32>(t * n).unwrap());
+            g.gemv_bf16(g.ptr(&dx), g.ptr(&dw), g.ptr(&dy), t, n, k).unwrap();
+            let f = |v: u16| bf16::from_bits(v).to_f32();
+            let want: Vec<f32> =
+                (0..t * n).map(|i| (0..k).map(|p| x[(i / n) * k + p] * f(wb[(i % n) * k + p])).sum()).collect();
+            close(&format!("gemv_bf16 t={t} k={k}"), &g.download(&dy).unwrap(), &want, 1e-5);
+        }
+        assert!(g.gemv_bf16(0, 0, 0, 17, 1, 8).is_err(), "more than 16 rows is refused");
+
+        // moe_gemv (per-token and per-slot inputs) and moe_combine_add
+        let (tn, topk, ne, n, k) = (3usize, 2usize, 5usize, 24usize, 64usize);
+        let x = rnd(tn * k, 30);
+        let w_all = bf(&rnd(ne * n * k, 31));
+        let ids: Vec<i32> = vec![4, 1, 0, 4, 2, 3];
+        let (dx, dw, di) = (g.upload(&x).unwrap(), g.upload(&w_all).unwrap(), g.upload(&ids).unwrap());
+        let dy = g.alloc::<f32>(tn * topk * n).unwrap();
+        g.moe_gemv_bf16(g.ptr(&dx), g.ptr(&dw), g.ptr(&di), g.ptr(&dy), tn * topk, n, k, topk, false).unwrap();
+        let f = |v: u16| bf16::from_bits(v).to_f32();
+        let want: Vec<f32> = (0..tn * topk * n)
+            .map(|i| {
+                let (s, r) = (i / n, i % n);
+                let e = ids[s] as usize;
+                (0..k).map(|p| x[(s / topk) * k + p] * f(w_all[(e * n + r) * k + p])).sum()
+            })
+            .collect();
+        let y = g.download(&dy).unwrap();
+        close("moe_gemv_bf16 per token", &y, &want, 1e-5);
+        let xs = rnd(tn * topk * k, 32);
+        let dxs = g.upload(&xs).unwrap();
+        g.moe_gemv_bf16(g.ptr(&dxs), g.ptr(&dw), g.ptr(&di), g.ptr(&dy), tn * topk, n, k, topk, true).unwrap();
+        let want: Vec<f32> = (0..tn * topk * n)
+            .map(|i| {
+                let (s, r) = (i / n, i % n);
+                let e = ids[s] as usize;
+                (0..k).map(|p| xs[s * k + p] * f(w_all[(e * n + r) * k + p])).sum()
+            })
+            .collect();
+        let ys = g.download(&dy).unwrap();
+        close("moe_gemv_bf16 per slot", &ys, &want, 1e-5);
+        let wts = [0.25f32, 0.75, 1.0, -0.5, 0.1, 0.9];
+        let base = rnd(tn * n, 33);
+        let (dwt, dout) = (g.upload(&wts).unwrap(), g.upload(&base).unwrap());
+        g.moe_combine_add(g.ptr(&dy), g.ptr(&dwt), g.ptr(&dout), tn, topk, n).unwrap();
+        let want: Vec<f32> = (0..tn * n)
+            .map(|i| {
+                base[i] + (0..topk).map(|j| wts[(i / n) * topk + j] * ys[((i / n) * topk + j) * n + i % n]).sum::<f32>()
+            })
+            .collect();
+        close("moe_combine_add", &g.download(&dout).unwrap(), &want, 1e-6);
+
+        // split_bf16 + sum_halves: hi + lo reproduces x to ~16 mantissa bits
+        let x = rnd(500, 40);
+        let dx = g.upload(&x).unwrap();
+        let ds = g.alloc::<u16>(1000).unwrap();
+        g.split_bf16(g.ptr(&dx), g.ptr(&ds), 500).unwrap();
+        let s2 = g.download(&ds).unwrap();
+        for (i, &v) in x.iter().enumerate() {
+            let back = bf16::from_bits(s2[i]).to_f32() + bf16::from_bits(s2[500 + i]).to_f32();
+            assert!((back - v).abs() <= v.abs() * 2f32.powi(-15), "split of {v}: {back}");
+        }
+        let y2 = rnd(1000, 41);
+        let (dy2, dsum) = (g.upload(&y2).unwrap(), g.alloc::<f32>(500).unwrap());
+        g.sum_halves(g.ptr(&dy2), g.ptr(&dsum), 500).unwrap();
+        let want: Vec<f32> = (0..500).map(|i| y2[i] + y2[500 + i]).collect();
+        close("sum_halves", &g.download(&dsum).unwrap(), &want, 0.0);
+
         // gather / scatter-add / kv_write / embedding
         let w = 40;
         let x = rnd(5 * w, 12);

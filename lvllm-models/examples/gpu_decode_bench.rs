@@ -10,7 +10,7 @@ fn main() -> anyhow::Result<()> {
     use std::time::Instant;
 
     use lvllm_kernels_cuda::Gpu;
-    use lvllm_models::cuda_qwen3_moe::{CudaQwen3Moe, GpuWeights};
+    use lvllm_models::cuda_qwen3_moe::{CudaQwen3Moe, GpuWeights, KvSizing};
     use lvllm_models::{ForwardBatch, LogitsSelection, ModelConfig, SeqSpan};
 
     const QWEN3_30B_A3B: &str = r#"{"architectures": ["Qwen3MoeForCausalLM"], "decoder_sparse_step": 1, "head_dim": 128,
@@ -37,7 +37,7 @@ fn main() -> anyhow::Result<()> {
         &cfg,
         GpuWeights::Dummy { seed: 1 },
         block_size,
-        max_batch * blocks_per_seq,
+        KvSizing::Blocks(max_batch * blocks_per_seq),
         graphs,
     )?;
     let (free, total) = gpu.mem_info()?;

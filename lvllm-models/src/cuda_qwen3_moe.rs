@@ -32,6 +32,21 @@ fn gpu_err(e: lvllm_kernels_cuda::Error) -> Error {
     Error::Input(format!("CUDA: {e}"))
 }
 
+/// How many KV blocks a GPU model allocates.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KvSizing {
+    /// Exactly this many.
+    Blocks(usize),
+    /// As many as fit in `utilization` × total device memory after the weights
+    /// and buffers (vLLM's `gpu_memory_utilization`), at most `max_blocks`.
+    MemoryFraction {
+        /// Fraction of the device's memory lvllm may use, in (0, 1].
+        utilization: f32,
+        /// Upper bound (enough for the context limit).
+        max_blocks: usize,
+    },
+}
+
 /// Where the weights of a GPU model come from.
 #[derive(Debug, Clone, Copy)]
 pub enum GpuWeights<'a> {
@@ -140,7 +155,7 @@ impl CudaQwen3Moe {
         cfg: &Qwen3MoeConfig,
         weights: GpuWeights<'_>,
         block_size: usize,
-        num_blocks: usize,
+        kv_sizing: KvSizing,
         cuda_graphs: bool,
     ) -> Result<Self> {
         let (h, hd, nh, nkv) = (cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads);
@@ -236,11 +251,41 @@ impl CudaQwen3Moe {
         let norm = vec("model.norm.weight", h)?;
         let rope = Rope::new(hd, cfg.rope_theta, &cfg.rope_scaling, cfg.max_position_embeddings);
         let inv_freq = gpu.upload(rope.inv_freq()).map_err(gpu_err)?;
+        let mt = lvllm_kernels_cuda::GEMV_MAX_T;
+        let bytes_per_block = cfg.num_hidden_layers * 2 * block_size * nkv * hd * 4 + mt * 4;
+        let num_blocks = match kv_sizing {
+            KvSizing::Blocks(n) => n,
+            KvSizing::MemoryFraction { utilization, max_blocks } => {
+                if !(utilization > 0.0 && utilization <= 1.0) {
+                    return Err(Error::Config {
+                        what: "gpu_memory_utilization".into(),
+                        msg: format!("{utilization} must be in (0, 1]"),
+                    });
+                }
+                let (free, total) = gpu.mem_info().map_err(gpu_err)?;
+                // Keep room for the decode workspace and cuBLAS/prefill temporaries.
+                const RESERVE: usize = 1 << 30;
+                let allowed = (total as f64 * utilization as f64) as usize;
+                let used = total - free;
+                let avail = allowed.saturating_sub(used + RESERVE);
+                let n = (avail / bytes_per_block).min(max_blocks);
+                if n == 0 {
+                    return Err(Error::Config {
+                        what: "gpu_memory_utilization".into(),
+                        msg: format!(
+                            "{utilization} leaves no room for the KV cache: {:.1} GB of {:.1} GB are already in use",
+                            used as f64 / 1e9,
+                            total as f64 / 1e9
+                        ),
+                    });
+                }
+                n
+            }
+        };
         let slots = block_size * num_blocks * nkv * hd;
         let kv = (0..cfg.num_hidden_layers)
             .map(|_| Ok((gpu.alloc::<f32>(slots).map_err(gpu_err)?, gpu.alloc::<f32>(slots).map_err(gpu_err)?)))
             .collect::<Result<Vec<_>>>()?;
-        let mt = lvllm_kernels_cuda::GEMV_MAX_T;
         let (k, i) = (cfg.num_experts_per_tok.max(1), cfg.moe_intermediate_size.max(cfg.intermediate_size));
         let f = |n: usize| gpu.alloc::<f32>(n).map_err(gpu_err);
         let ws = Workspace {
@@ -281,6 +326,11 @@ impl CudaQwen3Moe {
             block_size,
             num_blocks,
         })
+    }
+
+    /// KV blocks allocated.
+    pub fn num_blocks(&self) -> usize {
+        self.num_blocks
     }
 
     /// The GPU.

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use lvllm_kernels_cuda::{Error as CudaError, Gpu};
-use lvllm_models::cuda_qwen3_moe::{CudaQwen3Moe, GpuWeights};
+use lvllm_models::cuda_qwen3_moe::{CudaQwen3Moe, GpuWeights, KvSizing};
 use lvllm_models::{ForwardBatch, LogitsSelection, ModelConfig, SafetensorsFile, SeqSpan, WeightSource};
 
 fn gpu() -> Option<Arc<Gpu>> {
@@ -49,8 +49,10 @@ fn gpu_logits_track_hf_f32() {
             unreachable!()
         };
         let src = WeightSource::from_dir(&dir).unwrap();
-        let model = CudaQwen3Moe::load(g.clone(), &cfg, GpuWeights::Checkpoint(&src), 16, 8, true).unwrap();
-        let eager = CudaQwen3Moe::load(g.clone(), &cfg, GpuWeights::Checkpoint(&src), 16, 8, false).unwrap();
+        let model =
+            CudaQwen3Moe::load(g.clone(), &cfg, GpuWeights::Checkpoint(&src), 16, KvSizing::Blocks(8), true).unwrap();
+        let eager =
+            CudaQwen3Moe::load(g.clone(), &cfg, GpuWeights::Checkpoint(&src), 16, KvSizing::Blocks(8), false).unwrap();
         let r = WeightSource::from_files(vec![SafetensorsFile::open(&dir.join("reference.safetensors")).unwrap()]);
         let prompt: Vec<u32> =
             r.get("prompt_ids").unwrap().to_i64_vec().unwrap().into_iter().map(|v| v as u32).collect();

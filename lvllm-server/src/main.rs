@@ -119,6 +119,9 @@ struct GenerateArgs {
     /// Run CUDA decode steps eagerly instead of replaying captured CUDA graphs.
     #[arg(long)]
     enforce_eager: bool,
+    /// Fraction of GPU memory for weights and KV cache (CUDA device).
+    #[arg(long)]
+    gpu_memory_utilization: Option<f32>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -172,6 +175,9 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     };
     if let Some(n) = args.max_model_len {
         builder = builder.max_model_len(n);
+    }
+    if let Some(f) = args.gpu_memory_utilization {
+        builder = builder.gpu_memory_utilization(f);
     }
     if let Some(dir) = kernel_cache_dir() {
         builder = builder.kernel_cache_dir(dir);
