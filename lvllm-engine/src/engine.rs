@@ -299,8 +299,16 @@ fn cuda_backend(
     match config {
         ModelConfig::Qwen3Moe(c) => {
             let kv = KvSizing::MemoryFraction { utilization, max_blocks };
-            let m = CudaQwen3Moe::load(Arc::new(gpu), c, GpuWeights::Checkpoint(weights), block_size, kv, cuda_graphs)
-                .map_err(Error::ModelLoad)?;
+            let m = CudaQwen3Moe::load(
+                Arc::new(gpu),
+                c,
+                GpuWeights::Checkpoint(weights),
+                block_size,
+                kv,
+                cuda_graphs,
+                None,
+            )
+            .map_err(Error::ModelLoad)?;
             let n = m.num_blocks();
             Ok((Backend::Cuda(Box::new(m)), n))
         }

@@ -165,6 +165,23 @@ impl Gpu {
         self.stream.clone_dtoh(&view).map_err(drv)
     }
 
+    /// Measures device memory bandwidth with device-to-device copies of `bytes`
+    /// (best of `reps`; a copy reads and writes, so 2 × bytes move), in GB/s.
+    pub fn measure_bandwidth(&self, bytes: usize, reps: usize) -> Result<f64> {
+        let n = bytes / 4;
+        let src = self.alloc::<f32>(n)?;
+        let mut dst = self.alloc::<f32>(n)?;
+        let mut best = f64::MAX;
+        for _ in 0..reps.max(1) {
+            self.synchronize()?;
+            let t0 = std::time::Instant::now();
+            self.stream.memcpy_dtod(&src, &mut dst).map_err(drv)?;
+            self.synchronize()?;
+            best = best.min(t0.elapsed().as_secs_f64());
+        }
+        Ok(2.0 * (n * 4) as f64 / best / 1e9)
+    }
+
     /// Waits for all queued work.
     pub fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(drv)

@@ -65,6 +65,8 @@ struct Mat {
     cols: usize,
 }
 
+/// One per layer, so variant sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 enum Ffn {
     Dense {
         gate: Mat,
@@ -78,6 +80,22 @@ enum Ffn {
         up: Mat,
         down: Mat,
     },
+    /// Hybrid: the router on the GPU, the routed experts on the CPU.
+    CpuMoe {
+        router: Mat,
+        experts: lvllm_moe::CpuExperts,
+    },
+}
+
+/// Hybrid placement: which MoE layers keep their experts on the CPU.
+#[derive(Debug, Clone)]
+pub struct HybridOptions {
+    /// The pool that computes CPU experts.
+    pub pool: Arc<lvllm_numa::Pool>,
+    /// Runtime format of CPU experts.
+    pub experts: lvllm_moe::ExpertsOptions,
+    /// Decoder layers whose experts stay in VRAM (absolute indices).
+    pub gpu_resident_layers: Vec<usize>,
 }
 
 /// Buffers of the decode path, sized for `GEMV_MAX_T` tokens at load so the
@@ -131,6 +149,8 @@ pub struct CudaQwen3Moe {
     block_size: usize,
     num_blocks: usize,
     ws: Workspace,
+    /// Host handoff of CPU MoE layers: (calls, nanoseconds of copies).
+    handoff: (std::sync::atomic::AtomicU64, std::sync::atomic::AtomicU64),
     /// Captured decode steps by batch size (`None`: graphs off).
     graphs: Option<std::sync::Mutex<std::collections::HashMap<usize, lvllm_kernels_cuda::CudaGraph>>>,
 }
@@ -157,6 +177,7 @@ impl CudaQwen3Moe {
         block_size: usize,
         kv_sizing: KvSizing,
         cuda_graphs: bool,
+        hybrid: Option<&HybridOptions>,
     ) -> Result<Self> {
         let (h, hd, nh, nkv) = (cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads);
         let stacked = |names: &dyn Fn(usize) -> String, count: usize, rows: usize, cols: usize| -> Result<Mat> {
@@ -223,6 +244,60 @@ impl CudaQwen3Moe {
                 let i = cfg.moe_intermediate_size;
                 let router = mat(&format!("{p}.mlp.gate.weight"), cfg.num_experts, h)?;
                 let ne = cfg.num_experts;
+                if let Some(hy) = hybrid.filter(|hy| !hy.gpu_resident_layers.contains(&l)) {
+                    let experts = match weights {
+                        GpuWeights::Checkpoint(src) => {
+                            let ex = (0..ne)
+                                .map(|e| {
+                                    let ep = format!("{p}.mlp.experts.{e}");
+                                    Ok(lvllm_moe::ExpertWeights {
+                                        gate: crate::qwen3_moe::expert_matrix(src, &format!("{ep}.gate_proj"), i, h)?,
+                                        up: crate::qwen3_moe::expert_matrix(src, &format!("{ep}.up_proj"), i, h)?,
+                                        down: crate::qwen3_moe::expert_matrix(src, &format!("{ep}.down_proj"), h, i)?,
+                                    })
+                                })
+                                .collect::<Result<Vec<_>>>()?;
+                            let release = |w: &lvllm_moe::ExpertWeights| {
+                                for m in [&w.gate, &w.up, &w.down] {
+                                    let (lvllm_moe::ExpertMatrix::Dense(t)
+                                    | lvllm_moe::ExpertMatrix::Fp8 { weight: t, .. }) = m;
+                                    t.release_pages();
+                                }
+                            };
+                            lvllm_moe::CpuExperts::new(hy.pool.clone(), ex, h, i, &hy.experts, release)?
+                        }
+                        GpuWeights::Dummy { seed } => {
+                            let format = match hy.experts.weight {
+                                lvllm_moe::MoeWeight::Int4 => {
+                                    lvllm_kernels_cpu::packed::WeightFormat::Int4 { group: hy.experts.int4_group }
+                                }
+                                _ => hy.experts.dtype,
+                            };
+                            let s = seed as u64 ^ (l as u64) << 32;
+                            lvllm_moe::CpuExperts::dummy(
+                                hy.pool.clone(),
+                                ne,
+                                h,
+                                i,
+                                format,
+                                hy.experts.int8_activations,
+                                s,
+                            )?
+                        }
+                    };
+                    layers.push(Layer {
+                        in_norm: vec(&format!("{p}.input_layernorm.weight"), h)?,
+                        q: mat(&format!("{p}.self_attn.q_proj.weight"), nh * hd, h)?,
+                        k: mat(&format!("{p}.self_attn.k_proj.weight"), nkv * hd, h)?,
+                        v: mat(&format!("{p}.self_attn.v_proj.weight"), nkv * hd, h)?,
+                        o: mat(&format!("{p}.self_attn.o_proj.weight"), h, nh * hd)?,
+                        q_norm: vec(&format!("{p}.self_attn.q_norm.weight"), hd)?,
+                        k_norm: vec(&format!("{p}.self_attn.k_norm.weight"), hd)?,
+                        post_norm: vec(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                        ffn: Ffn::CpuMoe { router, experts },
+                    });
+                    continue;
+                }
                 let gate = stacked(&|e| format!("{p}.mlp.experts.{e}.gate_proj.weight"), ne, i, h)?;
                 let up = stacked(&|e| format!("{p}.mlp.experts.{e}.up_proj.weight"), ne, i, h)?;
                 let down = stacked(&|e| format!("{p}.mlp.experts.{e}.down_proj.weight"), ne, h, i)?;
@@ -313,7 +388,10 @@ impl CudaQwen3Moe {
         gpu.synchronize().map_err(gpu_err)?;
         Ok(CudaQwen3Moe {
             ws,
-            graphs: cuda_graphs.then(|| std::sync::Mutex::new(std::collections::HashMap::new())),
+            // The CPU handoff synchronises with the host, which a graph cannot hold.
+            graphs: (cuda_graphs && !layers.iter().any(|l| matches!(l.ffn, Ffn::CpuMoe { .. })))
+                .then(|| std::sync::Mutex::new(std::collections::HashMap::new())),
+            handoff: Default::default(),
             gpu,
             cfg: cfg.clone(),
             embed,
@@ -326,6 +404,20 @@ impl CudaQwen3Moe {
             block_size,
             num_blocks,
         })
+    }
+
+    /// Handoffs to CPU experts so far and their mean cost in µs (device→host
+    /// copy of hidden states and routing, host→device copy of the result;
+    /// excludes waiting for the GPU and the experts' compute).
+    pub fn handoff_stats(&self) -> (u64, f64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let n = self.handoff.0.load(Relaxed);
+        (n, if n == 0 { 0.0 } else { self.handoff.1.load(Relaxed) as f64 / n as f64 / 1e3 })
+    }
+
+    /// Whether any MoE layer runs its experts on the CPU.
+    pub fn is_hybrid(&self) -> bool {
+        self.layers.iter().any(|l| matches!(l.ffn, Ffn::CpuMoe { .. }))
     }
 
     /// KV blocks allocated.
@@ -425,6 +517,11 @@ impl CudaQwen3Moe {
                 match &layer.ffn {
                     Ffn::Dense { gate, up, down } => {
                         let y = self.mlp(&a, n, gate, up, down)?;
+                        g.add_inplace(p(&x), p(&y), n * h).map_err(e)?;
+                    }
+                    Ffn::CpuMoe { router, experts } => {
+                        let y = g.alloc::<f32>(n * h).map_err(e)?;
+                        self.cpu_moe(&a, n, router, experts, &y)?;
                         g.add_inplace(p(&x), p(&y), n * h).map_err(e)?;
                     }
                     Ffn::Moe { router, gate, up, down } => {
@@ -572,6 +669,10 @@ impl CudaQwen3Moe {
                         gemv(&ws.act, down, &ws.o)?;
                         g.add_inplace(p(&ws.x), p(&ws.o), n * h).map_err(e)?;
                     }
+                    Ffn::CpuMoe { router, experts } => {
+                        self.cpu_moe(&ws.a, n, router, experts, &ws.o)?;
+                        g.add_inplace(p(&ws.x), p(&ws.o), n * h).map_err(e)?;
+                    }
                     Ffn::Moe { router, gate, up, down } => {
                         let (k, ne, i) = (cfg.num_experts_per_tok, cfg.num_experts, cfg.moe_intermediate_size);
                         gemv(&ws.a, router, &ws.rlog)?;
@@ -635,6 +736,60 @@ impl CudaQwen3Moe {
         unsafe { g.silu_mul(g.ptr(&gb), g.ptr(&ub), g.ptr(&act), n * i) }.map_err(e)?;
         self.linear_at(&act, w[2], h, i, &y, n)?;
         Ok(y)
+    }
+
+    /// Hybrid MoE: router and top-k on the GPU, hidden states and routing to the
+    /// host, the routed experts on the CPU pool, the result back into `y`.
+    fn cpu_moe(
+        &self,
+        a: &DevBuf<f32>,
+        n: usize,
+        router: &Mat,
+        experts: &lvllm_moe::CpuExperts,
+        y: &DevBuf<f32>,
+    ) -> Result<()> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let g = &*self.gpu;
+        let e = gpu_err;
+        let cfg = &self.cfg;
+        let (h, k, ne) = (cfg.hidden_size, cfg.num_experts_per_tok, cfg.num_experts);
+        let ws = &self.ws;
+        let small = n <= lvllm_kernels_cuda::GEMV_MAX_T;
+        let (logits, ids, wts) = if small {
+            (None, None, None)
+        } else {
+            (
+                Some(g.alloc::<f32>(n * ne).map_err(e)?),
+                Some(g.alloc::<i32>(n * k).map_err(e)?),
+                Some(g.alloc::<f32>(n * k).map_err(e)?),
+            )
+        };
+        let (lg, id, wt) =
+            (logits.as_ref().unwrap_or(&ws.rlog), ids.as_ref().unwrap_or(&ws.topi), wts.as_ref().unwrap_or(&ws.topw));
+        if small {
+            // SAFETY: workspace buffers hold GEMV_MAX_T ≥ n rows.
+            unsafe { g.gemv_bf16(g.ptr(a), g.ptr(&router.buf), g.ptr(lg), n, router.rows, router.cols) }.map_err(e)?;
+        } else {
+            self.linear(a, router, lg, n)?;
+        }
+        // SAFETY: `lg` holds n × E logits, `id`/`wt` n × k.
+        unsafe { g.router_topk(g.ptr(lg), n, ne, k, cfg.norm_topk_prob, g.ptr(id), g.ptr(wt)) }.map_err(e)?;
+        g.synchronize().map_err(e)?;
+        let t0 = std::time::Instant::now();
+        let hidden = g.download_n(a, n * h).map_err(e)?;
+        let ids_h = g.download_n(id, n * k).map_err(e)?;
+        let w_h = g.download_n(wt, n * k).map_err(e)?;
+        let copy_in = t0.elapsed();
+        let topk = lvllm_moe::TopK { k, ids: ids_h.into_iter().map(|v| v as u32).collect(), weights: w_h };
+        let mut out = vec![0f32; n * h];
+        experts.forward(&hidden, &topk, &mut out)?;
+        let t1 = std::time::Instant::now();
+        // SAFETY: `y` holds ≥ n × h f32.
+        unsafe { g.upload_to(&out, g.ptr(y)) }.map_err(e)?;
+        let copy_out = t1.elapsed();
+        self.handoff.0.fetch_add(1, Relaxed);
+        self.handoff.1.fetch_add((copy_in + copy_out).as_nanos() as u64, Relaxed);
+        Ok(())
     }
 
     /// The routed experts of `n` rows of `a`; returns `[n, hidden]`.

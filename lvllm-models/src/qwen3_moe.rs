@@ -231,7 +231,7 @@ impl Qwen3Moe {
 
 /// An expert projection by name: dense (`{name}.weight` in bf16/f16/f32) or FP8
 /// with `{name}.weight_scale_inv`.
-fn expert_matrix(src: &WeightSource, name: &str, rows: usize, cols: usize) -> Result<ExpertMatrix> {
+pub(crate) fn expert_matrix(src: &WeightSource, name: &str, rows: usize, cols: usize) -> Result<ExpertMatrix> {
     let w = src.get(&format!("{name}.weight"))?;
     if w.dtype() == lvllm_tensor::DType::F8E4M3 {
         let scale_inv = src.get(&format!("{name}.weight_scale_inv"))?;

@@ -50,9 +50,11 @@ fn gpu_logits_track_hf_f32() {
         };
         let src = WeightSource::from_dir(&dir).unwrap();
         let model =
-            CudaQwen3Moe::load(g.clone(), &cfg, GpuWeights::Checkpoint(&src), 16, KvSizing::Blocks(8), true).unwrap();
+            CudaQwen3Moe::load(g.clone(), &cfg, GpuWeights::Checkpoint(&src), 16, KvSizing::Blocks(8), true, None)
+                .unwrap();
         let eager =
-            CudaQwen3Moe::load(g.clone(), &cfg, GpuWeights::Checkpoint(&src), 16, KvSizing::Blocks(8), false).unwrap();
+            CudaQwen3Moe::load(g.clone(), &cfg, GpuWeights::Checkpoint(&src), 16, KvSizing::Blocks(8), false, None)
+                .unwrap();
         let r = WeightSource::from_files(vec![SafetensorsFile::open(&dir.join("reference.safetensors")).unwrap()]);
         let prompt: Vec<u32> =
             r.get("prompt_ids").unwrap().to_i64_vec().unwrap().into_iter().map(|v| v as u32).collect();

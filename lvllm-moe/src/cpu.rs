@@ -457,6 +457,75 @@ impl CpuExperts {
         })
     }
 
+    /// A layer of `n_experts` experts filled with deterministic random weights in
+    /// `format`, directly in the packed layout (`load_format: dummy`, for
+    /// benchmarks of real sizes without a checkpoint). Filled in parallel on the pool,
+    /// each node writing its own region.
+    pub fn dummy(
+        pool: Arc<Pool>,
+        n_experts: usize,
+        hidden: usize,
+        intermediate: usize,
+        format: WeightFormat,
+        int8_activations: bool,
+        seed: u64,
+    ) -> Result<Self> {
+        format.check(hidden).map_err(Error::Input)?;
+        format.check(intermediate).map_err(Error::Input)?;
+        let gu_blocks = intermediate.div_ceil(HALF);
+        let dn_blocks = hidden.div_ceil(BLOCK_ROWS);
+        let (gu_bb, dn_bb) = (format.block_bytes(hidden), format.block_bytes(intermediate));
+        let threads: Vec<usize> = (0..pool.num_nodes()).map(|n| pool.threads_on_node(n).max(1)).collect();
+        let mut shards = Vec::with_capacity(threads.len());
+        for (node, (gu, dn)) in split(gu_blocks, &threads).into_iter().zip(split(dn_blocks, &threads)).enumerate() {
+            let expert_stride = gu.len() * gu_bb + dn.len() * dn_bb;
+            let placement = if pool.num_nodes() > 1 {
+                Placement::Node(pool.node_id(node).unwrap_or(node))
+            } else {
+                Placement::Default
+            };
+            let buf = HostBuffer::new((expert_stride * n_experts).max(1), placement)
+                .map_err(|e| Error::Input(format!("allocating expert memory on node {node}: {e}")))?;
+            shards.push(NodeShard { gu, dn, buf, expert_stride });
+        }
+        // One task per (node, expert): fill that expert's bytes of the node's region.
+        let tasks: Vec<usize> = shards.iter().map(|_| n_experts).collect();
+        let ptrs: Vec<(SharedOut, usize, usize, usize)> = shards
+            .iter_mut()
+            .map(|sh| (SharedOut(sh.buf.as_mut_ptr().cast()), sh.expert_stride, sh.gu.len(), sh.dn.len()))
+            .collect();
+        pool.parallel_for_nodes(&tasks, |ctx, e| {
+            let (base, stride, ngu, ndn) = ptrs[ctx.node];
+            // SAFETY: task (node, e) alone writes bytes [e·stride, (e+1)·stride) of
+            // its node's region, which lives until this call returns.
+            let bytes = unsafe { std::slice::from_raw_parts_mut(base.ptr().cast::<u8>().add(e * stride), stride) };
+            let mut state = seed ^ ((ctx.node as u64) << 48) ^ (e as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+            let mut fill = |blk: &mut [u8], k: usize| fill_dummy_block(format, blk, k, &mut state);
+            for blk in bytes[..ngu * gu_bb].chunks_exact_mut(gu_bb) {
+                fill(blk, hidden);
+            }
+            for blk in bytes[ngu * gu_bb..ngu * gu_bb + ndn * dn_bb].chunks_exact_mut(dn_bb) {
+                fill(blk, intermediate);
+            }
+        });
+        Ok(CpuExperts {
+            pool,
+            shards,
+            n_experts,
+            hidden,
+            intermediate,
+            gu_format: format,
+            dn_format: format,
+            gu_blocks,
+            dn_blocks,
+            int8_group: match format {
+                WeightFormat::Int4 { group } if int8_activations && int8act::available() => Some(group),
+                _ => None,
+            },
+            scratch: Mutex::new(Scratch::default()),
+        })
+    }
+
     /// Number of experts.
     pub fn n_experts(&self) -> usize {
         self.n_experts
@@ -717,6 +786,54 @@ impl SharedOut {
     }
 }
 
+/// Fills one packed block with deterministic noise: weights of magnitude ~1/√k
+/// (so activations stay O(1) through a model), plausible scales.
+fn fill_dummy_block(format: WeightFormat, blk: &mut [u8], k: usize, state: &mut u64) {
+    let mut next = || {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        *state
+    };
+    let amp = 1.0 / (k as f32).sqrt();
+    let data_bytes = format.data_bytes(k);
+    let (data, scales) = blk.split_at_mut(data_bytes);
+    match format {
+        WeightFormat::Bf16 | WeightFormat::F16 => {
+            for c in data.chunks_exact_mut(8) {
+                let r = next();
+                for (j, pair) in c.chunks_exact_mut(2).enumerate() {
+                    let v = ((r >> (16 * j)) as u16 as f32 / 32768.0 - 1.0) * amp;
+                    let bits = if format == WeightFormat::Bf16 {
+                        bf16::from_f32(v).to_bits()
+                    } else {
+                        half::f16::from_f32(v).to_bits()
+                    };
+                    pair.copy_from_slice(&bits.to_le_bytes());
+                }
+            }
+        }
+        WeightFormat::Fp8 => {
+            for c in data.chunks_exact_mut(8) {
+                c.copy_from_slice(&(next() & 0x7777_7777_7777_7777).to_le_bytes());
+            }
+            let s = (amp / 448.0 * 256.0 * 4.0).to_le_bytes();
+            for c in scales[..format.scale_bytes(k)].chunks_exact_mut(4) {
+                c.copy_from_slice(&s);
+            }
+        }
+        WeightFormat::Int4 { .. } => {
+            for c in data.chunks_exact_mut(8) {
+                c.copy_from_slice(&next().to_le_bytes());
+            }
+            let s = bf16::from_f32(amp / 4.0).to_le_bytes();
+            for c in scales[..format.scale_bytes(k)].chunks_exact_mut(2) {
+                c.copy_from_slice(&s);
+            }
+        }
+    }
+}
+
 /// Packs `gate_up` block `b` of an FP8 expert without requantizing.
 fn pack_fp8_gate_up(w: &ExpertWeights, b: usize, hidden: usize, intermediate: usize, dst: &mut [u8]) -> Result<()> {
     let (ExpertMatrix::Fp8 { weight: gw, scale_inv: gs }, ExpertMatrix::Fp8 { weight: uw, scale_inv: us }) =
@@ -875,6 +992,19 @@ mod tests {
         // int8 activations on top: a further ~2⁻⁸ relative per activation.
         let int8 = run(MoeWeight::Int4, true);
         assert!(max_err(&int8, &int4) <= 0.02 * scale, "int8 vs f32 activations {}", max_err(&int8, &int4));
+    }
+
+    #[test]
+    fn dummy_layers_run_in_every_format() {
+        for format in [WeightFormat::Bf16, WeightFormat::Fp8, WeightFormat::Int4 { group: 32 }] {
+            let layer = CpuExperts::dummy(pool(2, 1), 4, 64, 96, format, true, 7).unwrap();
+            let hidden: Vec<f32> = (0..2 * 64).map(|v| (v as f32 / 64.0).sin()).collect();
+            let topk = routing(2, 4, 2);
+            let mut out = vec![f32::NAN; 2 * 64];
+            layer.forward(&hidden, &topk, &mut out).unwrap();
+            assert!(out.iter().all(|v| v.is_finite()) && out.iter().any(|&v| v != 0.0), "{format:?}");
+            assert!(out.iter().all(|v| v.abs() < 10.0), "{format:?}: dummy weights keep activations O(1)");
+        }
     }
 
     #[test]
