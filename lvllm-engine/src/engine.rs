@@ -239,6 +239,11 @@ impl EngineBuilder {
                 (Backend::Cpu { model, cache }, num_blocks, format!("the KV cache budget of {budget} bytes"))
             }
             Device::Cuda(ordinal) => {
+                if self.moe_weight == MoeWeight::Int4 {
+                    return Err(Error::Config(
+                        "moe_weight int4 is not built for the all-GPU placement yet; use the CPU device".into(),
+                    ));
+                }
                 let util = self.gpu_memory_utilization.unwrap_or(DEFAULT_GPU_MEMORY_UTILIZATION);
                 let (backend, n) = cuda_backend(
                     ordinal,
