@@ -93,20 +93,8 @@ impl fmt::Display for DType {
     }
 }
 
-/// Converts one FP8 E4M3 (fn) byte to f32.
-pub fn f8e4m3_to_f32(b: u8) -> f32 {
-    let sign = if b & 0x80 != 0 { -1.0f32 } else { 1.0 };
-    let exp = ((b >> 3) & 0x0f) as i32;
-    let man = (b & 0x07) as f32;
-    if exp == 0x0f && (b & 0x07) == 0x07 {
-        return f32::NAN;
-    }
-    if exp == 0 {
-        sign * man / 8.0 * 2f32.powi(-6)
-    } else {
-        sign * (1.0 + man / 8.0) * 2f32.powi(exp - 7)
-    }
-}
+/// Converts one FP8 E4M3 (fn) byte to f32 (the kernels crate's conversion).
+pub use lvllm_kernels_cpu::quant::fp8_e4m3_to_f32 as f8e4m3_to_f32;
 
 #[cfg(test)]
 mod tests {
