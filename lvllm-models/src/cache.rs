@@ -131,6 +131,23 @@ pub struct ForwardBatch<'a> {
     pub logits: LogitsSelection,
 }
 
+impl ForwardBatch<'_> {
+    /// Indices (into `tokens`) of the rows whose logits `self.logits` selects.
+    pub fn logit_rows(&self) -> Vec<usize> {
+        match self.logits {
+            LogitsSelection::All => (0..self.tokens.len()).collect(),
+            LogitsSelection::LastPerSeq => self
+                .seqs
+                .iter()
+                .scan(0usize, |end, s| {
+                    *end += s.len;
+                    Some(*end - 1)
+                })
+                .collect(),
+        }
+    }
+}
+
 /// Logits of the selected rows.
 #[derive(Debug, Clone)]
 pub struct Logits {

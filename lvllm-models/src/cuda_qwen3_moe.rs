@@ -22,7 +22,7 @@ use half::bf16;
 use lvllm_kernels_cuda::{DevBuf, Gpu};
 use lvllm_tensor::{DType, HostTensor};
 
-use crate::cache::{Logits, LogitsSelection};
+use crate::cache::Logits;
 use crate::config::Qwen3MoeConfig;
 use crate::rope::Rope;
 use crate::safetensors::WeightSource;
@@ -257,13 +257,7 @@ impl CudaQwen3Moe {
                                     })
                                 })
                                 .collect::<Result<Vec<_>>>()?;
-                            let release = |w: &lvllm_moe::ExpertWeights| {
-                                for m in [&w.gate, &w.up, &w.down] {
-                                    let (lvllm_moe::ExpertMatrix::Dense(t)
-                                    | lvllm_moe::ExpertMatrix::Fp8 { weight: t, .. }) = m;
-                                    t.release_pages();
-                                }
-                            };
+                            let release = lvllm_moe::ExpertWeights::release_pages;
                             lvllm_moe::CpuExperts::new(hy.pool.clone(), ex, h, i, &hy.experts, release)?
                         }
                         GpuWeights::Dummy { seed } => {
@@ -530,17 +524,7 @@ impl CudaQwen3Moe {
                     }
                 }
             }
-            let rows: Vec<usize> = match batch.logits {
-                LogitsSelection::All => (0..n).collect(),
-                LogitsSelection::LastPerSeq => batch
-                    .seqs
-                    .iter()
-                    .scan(0usize, |end, s| {
-                        *end += s.len;
-                        Some(*end - 1)
-                    })
-                    .collect(),
-            };
+            let rows = batch.logit_rows();
             let idx: Vec<i32> = rows.iter().map(|&r| r as i32).collect();
             let d_idx = g.upload(&idx).map_err(e)?;
             let sel = g.alloc::<f32>(rows.len() * h).map_err(e)?;

@@ -10,7 +10,7 @@
 
 use lvllm_moe::{CpuExperts, ExpertMatrix, ExpertWeights};
 
-use crate::cache::{LayerCache, LayerCacheSpec, Logits, LogitsSelection, ModelCache};
+use crate::cache::{LayerCache, LayerCacheSpec, Logits, ModelCache};
 use crate::config::Qwen3MoeConfig;
 use crate::layers::{paged_attention, write_kv, AttnDims, Embedding, Linear, Mlp, RmsNorm};
 use crate::rope::Rope;
@@ -91,13 +91,8 @@ impl Qwen3Moe {
                         })
                     })
                     .collect::<Result<Vec<_>>>()?;
-                let release = |w: &ExpertWeights| {
-                    for m in [&w.gate, &w.up, &w.down] {
-                        let (ExpertMatrix::Dense(t) | ExpertMatrix::Fp8 { weight: t, .. }) = m;
-                        t.release_pages();
-                    }
-                };
-                let experts = CpuExperts::new(opts.pool.clone(), experts, h, i, &opts.experts, release)?;
+                let experts =
+                    CpuExperts::new(opts.pool.clone(), experts, h, i, &opts.experts, ExpertWeights::release_pages)?;
                 FeedForward::Sparse(SparseMoe { gate, experts })
             } else {
                 FeedForward::Dense(Mlp::load(src, &format!("{p}.mlp"), h, cfg.intermediate_size)?)
@@ -205,17 +200,7 @@ impl Qwen3Moe {
                 *xv += yv;
             }
         }
-        let rows: Vec<usize> = match batch.logits {
-            LogitsSelection::All => (0..n).collect(),
-            LogitsSelection::LastPerSeq => batch
-                .seqs
-                .iter()
-                .scan(0usize, |end, s| {
-                    *end += s.len;
-                    Some(*end - 1)
-                })
-                .collect(),
-        };
+        let rows = batch.logit_rows();
         let mut sel = Vec::with_capacity(rows.len() * h);
         for &r in &rows {
             sel.extend_from_slice(&x[r * h..(r + 1) * h]);

@@ -207,6 +207,14 @@ pub struct ExpertWeights {
 }
 
 impl ExpertWeights {
+    /// Lets the OS drop the pages of memory-mapped source tensors (after packing).
+    pub fn release_pages(&self) {
+        for m in [&self.gate, &self.up, &self.down] {
+            let (ExpertMatrix::Dense(t) | ExpertMatrix::Fp8 { weight: t, .. }) = m;
+            t.release_pages();
+        }
+    }
+
     /// An expert from three dense (bf16/f16/f32) tensors.
     pub fn dense(gate: HostTensor, up: HostTensor, down: HostTensor) -> Self {
         ExpertWeights { gate: ExpertMatrix::Dense(gate), up: ExpertMatrix::Dense(up), down: ExpertMatrix::Dense(down) }
@@ -363,19 +371,7 @@ impl CpuExperts {
         let gu_blocks = intermediate.div_ceil(HALF);
         let dn_blocks = hidden.div_ceil(BLOCK_ROWS);
         let (gu_bb, dn_bb) = (gu_format.block_bytes(hidden), dn_format.block_bytes(intermediate));
-        let threads: Vec<usize> = (0..pool.num_nodes()).map(|n| pool.threads_on_node(n).max(1)).collect();
-        let mut shards = Vec::with_capacity(threads.len());
-        for (node, (gu, dn)) in split(gu_blocks, &threads).into_iter().zip(split(dn_blocks, &threads)).enumerate() {
-            let expert_stride = gu.len() * gu_bb + dn.len() * dn_bb;
-            let placement = if pool.num_nodes() > 1 {
-                Placement::Node(pool.node_id(node).unwrap_or(node))
-            } else {
-                Placement::Default
-            };
-            let buf = HostBuffer::new((expert_stride * n_experts).max(1), placement)
-                .map_err(|e| Error::Input(format!("allocating expert memory on node {node}: {e}")))?;
-            shards.push(NodeShard { gu, dn, buf, expert_stride });
-        }
+        let mut shards = alloc_shards(&pool, n_experts, (gu_blocks, gu_bb), (dn_blocks, dn_bb))?;
 
         let zero = vec![0f32; hidden.max(intermediate)];
         let mut gate = vec![0f32; intermediate * hidden];
@@ -475,19 +471,7 @@ impl CpuExperts {
         let gu_blocks = intermediate.div_ceil(HALF);
         let dn_blocks = hidden.div_ceil(BLOCK_ROWS);
         let (gu_bb, dn_bb) = (format.block_bytes(hidden), format.block_bytes(intermediate));
-        let threads: Vec<usize> = (0..pool.num_nodes()).map(|n| pool.threads_on_node(n).max(1)).collect();
-        let mut shards = Vec::with_capacity(threads.len());
-        for (node, (gu, dn)) in split(gu_blocks, &threads).into_iter().zip(split(dn_blocks, &threads)).enumerate() {
-            let expert_stride = gu.len() * gu_bb + dn.len() * dn_bb;
-            let placement = if pool.num_nodes() > 1 {
-                Placement::Node(pool.node_id(node).unwrap_or(node))
-            } else {
-                Placement::Default
-            };
-            let buf = HostBuffer::new((expert_stride * n_experts).max(1), placement)
-                .map_err(|e| Error::Input(format!("allocating expert memory on node {node}: {e}")))?;
-            shards.push(NodeShard { gu, dn, buf, expert_stride });
-        }
+        let mut shards = alloc_shards(&pool, n_experts, (gu_blocks, gu_bb), (dn_blocks, dn_bb))?;
         // One task per (node, expert): fill that expert's bytes of the node's region.
         let tasks: Vec<usize> = shards.iter().map(|_| n_experts).collect();
         let ptrs: Vec<(SharedOut, usize, usize, usize)> = shards
@@ -784,6 +768,27 @@ impl SharedOut {
         // SAFETY: forwarded contract.
         unsafe { *self.0.add(i) = v }
     }
+}
+
+/// One zeroed, node-bound region per pool node, holding that node's share of
+/// `gate_up` and `down` blocks (counts and block bytes given) for every expert.
+fn alloc_shards(
+    pool: &Pool,
+    n_experts: usize,
+    (gu_blocks, gu_bb): (usize, usize),
+    (dn_blocks, dn_bb): (usize, usize),
+) -> Result<Vec<NodeShard>> {
+    let threads: Vec<usize> = (0..pool.num_nodes()).map(|n| pool.threads_on_node(n).max(1)).collect();
+    let mut shards = Vec::with_capacity(threads.len());
+    for (node, (gu, dn)) in split(gu_blocks, &threads).into_iter().zip(split(dn_blocks, &threads)).enumerate() {
+        let expert_stride = gu.len() * gu_bb + dn.len() * dn_bb;
+        let placement =
+            if pool.num_nodes() > 1 { Placement::Node(pool.node_id(node).unwrap_or(node)) } else { Placement::Default };
+        let buf = HostBuffer::new((expert_stride * n_experts).max(1), placement)
+            .map_err(|e| Error::Input(format!("allocating expert memory on node {node}: {e}")))?;
+        shards.push(NodeShard { gu, dn, buf, expert_stride });
+    }
+    Ok(shards)
 }
 
 /// Fills one packed block with deterministic noise: weights of magnitude ~1/√k

@@ -98,12 +98,7 @@ fn peak_rss_while_repacking_stays_near_the_packed_size() {
     std::fs::write("/proc/self/clear_refs", "5").unwrap();
     let base = status_kib("VmRSS:");
     let opts = ExpertsOptions { weight: MoeWeight::Keep, ..Default::default() };
-    let release = |w: &ExpertWeights| {
-        for m in [&w.gate, &w.up, &w.down] {
-            let (ExpertMatrix::Dense(t) | ExpertMatrix::Fp8 { weight: t, .. }) = m;
-            t.release_pages();
-        }
-    };
+    let release = |w: &ExpertWeights| w.release_pages();
     let layer = CpuExperts::new(pool, experts, h, i, &opts, release).unwrap();
     let peak = status_kib("VmHWM:");
     let packed_kib = layer.regions().iter().map(|r| r.1).sum::<usize>() / 1024;
