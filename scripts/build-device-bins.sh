@@ -10,9 +10,9 @@ pool=$(cargo bench -p lvllm-numa --bench pool --no-run 2>&1 | sed -n 's/.*Execut
 cp "$pool" .gpu-carry/pool_bench
 kern=$(cargo bench -p lvllm-kernels-cpu --bench kernels --no-run 2>&1 | sed -n 's/.*Executable .*(\(.*\)).*/\1/p' | tail -1)
 cp "$kern" .gpu-carry/kernels_bench
-# CUDA-feature binaries: kernel tests, golden GPU tests, the engine GPU test, the CLI, the decode bench.
-cargo build --release --features cuda -p lvllm-server -p lvllm-models --bin lvllm --example gpu_decode_bench
-cp target/release/lvllm target/release/examples/gpu_decode_bench .gpu-carry/
+# CUDA-feature binaries: kernel tests, golden GPU tests, the engine GPU test, the CLI (generate, bench).
+cargo build --release --features cuda -p lvllm-server --bin lvllm
+cp target/release/lvllm .gpu-carry/
 bins=$(cargo test --release --features cuda -p lvllm-kernels-cuda -p lvllm-models -p lvllm-server --no-run 2>&1 | sed -n 's/.*Executable tests\/\([a-z_]*\)\.rs (\(.*\)).*/\1 \2/p')
 cp "$(echo "$bins" | awk '$1=="gpu"{print $2}')" .gpu-carry/gpu_kernels_test
 cp "$(echo "$bins" | awk '$1=="golden_cuda"{print $2}')" .gpu-carry/golden_cuda

@@ -13,7 +13,8 @@ echo "== lvllm generate --device cuda (KV cache from --gpu-memory-utilization)";
 echo "== lvllm generate --device cuda";   "$B/lvllm" generate --device cuda --chat --prompt "What is the capital of France?" \
     --chat-template-kwargs '{"enable_thinking": false}' 2>&1 | log
 echo "== decode, Qwen3-30B-A3B shapes, dummy weights, all experts on the GPU"
-timeout 200 "$B/gpu_decode_bench" - "${STEPS:-32}" 2>&1 | log
-timeout 200 "$B/gpu_decode_bench" - "${STEPS:-32}" eager 2>&1 | log
+Q=examples/configs/qwen3-30b-a3b
+timeout 200 "$B/lvllm" bench --device cuda --model $Q --load-format dummy --moe-placement gpu --batch-sizes 1,8 --output-len "${STEPS:-32}" 2>&1 | log
+timeout 200 "$B/lvllm" bench --device cuda --model $Q --load-format dummy --moe-placement gpu --batch-sizes 1,8 --output-len "${STEPS:-32}" --enforce-eager 2>&1 | log
 echo "== summary"
 grep -E "test result|cosine|decode tok/s|^\| [0-9]" "${OUT:-/tmp}/gpu-check.log"

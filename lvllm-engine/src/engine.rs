@@ -23,6 +23,7 @@ pub use lvllm_tensor::Device;
 
 use crate::chat_template::ChatTemplateOptions;
 use crate::kv::BlockAllocator;
+use crate::placement::{LayerSet, LoadFormat, MoePlacement};
 use crate::sampling::{self, Rng, SamplingParams, TokenLogprobs};
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 use crate::{Error, Result};
@@ -94,6 +95,9 @@ pub struct EngineBuilder {
     kernel_cache_dir: Option<PathBuf>,
     eager: bool,
     gpu_memory_utilization: Option<f32>,
+    moe_placement: MoePlacement,
+    gpu_resident_moe_layers: LayerSet,
+    load_format: LoadFormat,
 }
 
 impl EngineBuilder {
@@ -166,6 +170,26 @@ impl EngineBuilder {
         self
     }
 
+    /// Where routed experts run (default [`MoePlacement::Auto`]).
+    pub fn moe_placement(mut self, placement: MoePlacement) -> Self {
+        self.moe_placement = placement;
+        self
+    }
+
+    /// Decoder layers whose experts stay in VRAM in hybrid placement (absolute
+    /// indices; dense layers in the set are ignored). They run the GPU expert
+    /// path in bf16 whatever `moe_weight` says.
+    pub fn gpu_resident_moe_layers(mut self, layers: LayerSet) -> Self {
+        self.gpu_resident_moe_layers = layers;
+        self
+    }
+
+    /// Where the weights come from (default: the checkpoint).
+    pub fn load_format(mut self, format: LoadFormat) -> Self {
+        self.load_format = format;
+        self
+    }
+
     /// Loads the model and tokenizer and sizes the KV cache.
     pub fn build(self) -> Result<Engine> {
         let source =
@@ -176,7 +200,10 @@ impl EngineBuilder {
                 let bytes = std::fs::read(&path)
                     .map_err(|source| Error::ModelLoad(lvllm_models::Error::Io { path: path.clone(), source }))?;
                 let config = ModelConfig::from_json(&bytes, &path.display().to_string()).map_err(Error::ModelLoad)?;
-                let weights = WeightSource::from_dir(dir).map_err(Error::ModelLoad)?;
+                let weights = match self.load_format {
+                    LoadFormat::Auto => WeightSource::from_dir(dir).map_err(Error::ModelLoad)?,
+                    LoadFormat::Dummy => WeightSource::from_files(Vec::new()),
+                };
                 (config, weights, Tokenizer::from_dir(dir)?, dir.display().to_string())
             }
             ModelSource::Embedded(m) => {
@@ -207,10 +234,31 @@ impl EngineBuilder {
         let bytes_per_block: usize = cache_spec.iter().map(|s| s.bytes_per_block(block_size)).sum();
         let wanted_len = self.max_model_len.unwrap_or(model_max);
         let wanted_blocks = wanted_len.div_ceil(block_size);
-        let (backend, num_blocks, kv_limit) = match self.device {
+        if self.threads.count == Some(0) {
+            return Err(Error::Config("threads must be at least 1".into()));
+        }
+        if let Some(max) = self.gpu_resident_moe_layers.max() {
+            let n = config.num_hidden_layers();
+            if max >= n {
+                return Err(Error::Config(format!(
+                    "gpu_resident_moe_layers names layer {max} but the model has {n} layers (0-{})",
+                    n - 1
+                )));
+            }
+        }
+        let (backend, num_blocks, kv_limit, pool) = match self.device {
             Device::Cpu => {
-                if self.threads.count == Some(0) {
-                    return Err(Error::Config("threads must be at least 1".into()));
+                if self.moe_placement != MoePlacement::Auto {
+                    return Err(Error::Config(format!(
+                        "moe_placement {} needs a CUDA device; the CPU device runs everything on the CPU",
+                        self.moe_placement
+                    )));
+                }
+                if !self.gpu_resident_moe_layers.is_empty() {
+                    return Err(Error::Config("gpu_resident_moe_layers needs a CUDA device".into()));
+                }
+                if self.load_format == LoadFormat::Dummy {
+                    return Err(Error::Config("load_format dummy is built for the CUDA device only".into()));
                 }
                 let budget = self.kv_cache_bytes.unwrap_or(DEFAULT_KV_CACHE_BYTES);
                 let num_blocks = wanted_blocks.min(budget / bytes_per_block.max(1));
@@ -219,42 +267,39 @@ impl EngineBuilder {
                         "the KV cache budget of {budget} bytes holds no block of {bytes_per_block} bytes"
                     )));
                 }
-                let topology =
-                    Topology::detect().map_err(|e| Error::Config(format!("reading the CPU topology: {e}")))?;
-                let pool = Pool::new(
-                    &topology,
-                    PoolOptions {
-                        threads: self.threads.count,
-                        binding: self.threads.binding,
-                        power_saving: self.threads.power_saving,
-                    },
-                )
-                .map_err(|e| Error::Config(format!("starting the worker pool: {e}")))?;
+                let pool = Arc::new(make_pool(&self.threads)?);
                 let load = LoadOptions {
-                    pool: Arc::new(pool),
+                    pool: pool.clone(),
                     experts: ExpertsOptions { weight: self.moe_weight, ..ExpertsOptions::default() },
                 };
                 let model = Model::load(&config, &weights, &load).map_err(Error::ModelLoad)?;
                 let cache = ModelCache::new(&cache_spec, CacheConfig { block_size, num_blocks });
-                (Backend::Cpu { model, cache }, num_blocks, format!("the KV cache budget of {budget} bytes"))
+                let kv = format!("the KV cache budget of {budget} bytes");
+                (Backend::Cpu { model, cache }, num_blocks, kv, Some(pool))
             }
             Device::Cuda(ordinal) => {
-                if self.moe_weight == MoeWeight::Int4 {
+                if self.moe_weight == MoeWeight::Int4 && self.moe_placement == MoePlacement::Gpu {
                     return Err(Error::Config(
-                        "moe_weight int4 is not built for the all-GPU placement yet; use the CPU device".into(),
+                        "moe_weight int4 is not built for the all-GPU placement yet; use moe_placement hybrid".into(),
                     ));
                 }
                 let util = self.gpu_memory_utilization.unwrap_or(DEFAULT_GPU_MEMORY_UTILIZATION);
-                let (backend, n) = cuda_backend(
+                let (backend, n, pool) = cuda_backend(&CudaLoad {
                     ordinal,
-                    &config,
-                    &weights,
+                    config: &config,
+                    weights: &weights,
+                    dummy: self.load_format == LoadFormat::Dummy,
                     block_size,
-                    (util, wanted_blocks),
-                    self.kernel_cache_dir.as_deref(),
-                    !self.eager,
-                )?;
-                (backend, n, format!("gpu_memory_utilization {util}"))
+                    utilization: util,
+                    max_blocks: wanted_blocks,
+                    kernel_cache_dir: self.kernel_cache_dir.as_deref(),
+                    cuda_graphs: !self.eager,
+                    placement: self.moe_placement,
+                    resident: &self.gpu_resident_moe_layers,
+                    threads: &self.threads,
+                    moe_weight: self.moe_weight,
+                })?;
+                (backend, n, format!("gpu_memory_utilization {util}"), pool)
             }
         };
         let max_model_len = match self.max_model_len {
@@ -281,41 +326,94 @@ impl EngineBuilder {
             max_model_len,
             block_size,
             device: self.device,
-            runner: Mutex::new(Runner { backend, blocks: BlockAllocator::new(num_blocks) }),
+            runner: Mutex::new(Runner { backend, blocks: BlockAllocator::new(num_blocks), pool }),
         })
     }
 }
 
-/// Loads the model onto GPU `ordinal` (all experts in VRAM).
+/// Starts the CPU worker pool.
+pub(crate) fn make_pool(threads: &ThreadOptions) -> Result<Pool> {
+    let topology = Topology::detect().map_err(|e| Error::Config(format!("reading the CPU topology: {e}")))?;
+    Pool::new(
+        &topology,
+        PoolOptions { threads: threads.count, binding: threads.binding, power_saving: threads.power_saving },
+    )
+    .map_err(|e| Error::Config(format!("starting the worker pool: {e}")))
+}
+
+/// What [`cuda_backend`] needs.
+#[allow(dead_code)] // fields unused without the `cuda` feature
+pub(crate) struct CudaLoad<'a> {
+    pub ordinal: usize,
+    pub config: &'a ModelConfig,
+    pub weights: &'a WeightSource,
+    pub dummy: bool,
+    pub block_size: usize,
+    pub utilization: f32,
+    pub max_blocks: usize,
+    pub kernel_cache_dir: Option<&'a Path>,
+    pub cuda_graphs: bool,
+    pub placement: MoePlacement,
+    pub resident: &'a LayerSet,
+    pub threads: &'a ThreadOptions,
+    pub moe_weight: MoeWeight,
+}
+
+/// Bytes of every weight of a Qwen3-MoE model in bf16.
 #[cfg(feature = "cuda")]
-fn cuda_backend(
-    ordinal: usize,
-    config: &ModelConfig,
-    weights: &WeightSource,
-    block_size: usize,
-    (utilization, max_blocks): (f32, usize),
-    kernel_cache_dir: Option<&Path>,
-    cuda_graphs: bool,
-) -> Result<(Backend, usize)> {
-    use lvllm_models::cuda_qwen3_moe::{CudaQwen3Moe, GpuWeights, KvSizing};
-    let device = Device::Cuda(ordinal);
-    let gpu = lvllm_kernels_cuda::Gpu::new(ordinal, kernel_cache_dir)
+fn bf16_model_bytes(c: &lvllm_models::config::Qwen3MoeConfig) -> usize {
+    let (h, hd) = (c.hidden_size, c.head_dim);
+    let attn = h * hd * (2 * c.num_attention_heads + 2 * c.num_key_value_heads);
+    let layers: usize = (0..c.num_hidden_layers)
+        .map(|l| {
+            attn + if c.is_moe_layer(l) {
+                c.num_experts * h * (1 + 3 * c.moe_intermediate_size)
+            } else {
+                3 * h * c.intermediate_size
+            }
+        })
+        .sum();
+    let heads = if c.tie_word_embeddings { 1 } else { 2 };
+    2 * (layers + heads * c.vocab_size * h)
+}
+
+/// Loads the model onto GPU `ordinal`: all experts in VRAM, or hybrid with the
+/// routed experts on the CPU pool (resolving [`MoePlacement::Auto`] by whether the
+/// whole model fits the memory budget).
+#[cfg(feature = "cuda")]
+pub(crate) fn cuda_backend(l: &CudaLoad<'_>) -> Result<(Backend, usize, Option<Arc<Pool>>)> {
+    use lvllm_models::cuda_qwen3_moe::{CudaQwen3Moe, GpuWeights, HybridOptions, KvSizing};
+    let device = Device::Cuda(l.ordinal);
+    let gpu = lvllm_kernels_cuda::Gpu::new(l.ordinal, l.kernel_cache_dir)
         .map_err(|e| Error::Device { device, msg: e.to_string() })?;
-    match config {
+    match l.config {
         ModelConfig::Qwen3Moe(c) => {
-            let kv = KvSizing::MemoryFraction { utilization, max_blocks };
-            let m = CudaQwen3Moe::load(
-                Arc::new(gpu),
-                c,
-                GpuWeights::Checkpoint(weights),
-                block_size,
-                kv,
-                cuda_graphs,
-                None,
-            )
-            .map_err(Error::ModelLoad)?;
+            let hybrid = match l.placement {
+                MoePlacement::Gpu => false,
+                MoePlacement::Hybrid => true,
+                MoePlacement::Auto => {
+                    let (_, total) = gpu.mem_info().map_err(|e| Error::Device { device, msg: e.to_string() })?;
+                    // Room for the KV cache and workspaces besides the weights.
+                    const HEADROOM: usize = 2 << 30;
+                    l.moe_weight == MoeWeight::Int4
+                        || bf16_model_bytes(c) + HEADROOM > (total as f64 * l.utilization as f64) as usize
+                }
+            };
+            let hy = if hybrid {
+                Some(HybridOptions {
+                    pool: Arc::new(make_pool(l.threads)?),
+                    experts: ExpertsOptions { weight: l.moe_weight, ..ExpertsOptions::default() },
+                    gpu_resident_layers: l.resident.layers().to_vec(),
+                })
+            } else {
+                None
+            };
+            let kv = KvSizing::MemoryFraction { utilization: l.utilization, max_blocks: l.max_blocks };
+            let weights = if l.dummy { GpuWeights::Dummy { seed: 1 } } else { GpuWeights::Checkpoint(l.weights) };
+            let m = CudaQwen3Moe::load(Arc::new(gpu), c, weights, l.block_size, kv, l.cuda_graphs, hy.as_ref())
+                .map_err(Error::ModelLoad)?;
             let n = m.num_blocks();
-            Ok((Backend::Cuda(Box::new(m)), n))
+            Ok((Backend::Cuda(Box::new(m)), n, hy.map(|h| h.pool)))
         }
         #[allow(unreachable_patterns)]
         _ => Err(Error::Device { device, msg: "this architecture has no CUDA path yet".into() }),
@@ -324,17 +422,9 @@ fn cuda_backend(
 
 /// Without the `cuda` feature there is no GPU path.
 #[cfg(not(feature = "cuda"))]
-fn cuda_backend(
-    ordinal: usize,
-    _config: &ModelConfig,
-    _weights: &WeightSource,
-    _block_size: usize,
-    _kv: (f32, usize),
-    _kernel_cache_dir: Option<&Path>,
-    _cuda_graphs: bool,
-) -> Result<(Backend, usize)> {
+pub(crate) fn cuda_backend(l: &CudaLoad<'_>) -> Result<(Backend, usize, Option<Arc<Pool>>)> {
     Err(Error::Device {
-        device: Device::Cuda(ordinal),
+        device: Device::Cuda(l.ordinal),
         msg: "this build has no CUDA support; rebuild with `--features cuda` or use the CPU device".into(),
     })
 }
@@ -351,7 +441,7 @@ pub fn cuda_available() -> bool {
 
 /// Where the model runs (one per engine, so variant sizes do not matter).
 #[allow(clippy::large_enum_variant)]
-enum Backend {
+pub(crate) enum Backend {
     /// Everything on the CPU.
     Cpu { model: Model, cache: ModelCache },
     /// Everything on a GPU (the model owns its device KV cache).
@@ -359,9 +449,22 @@ enum Backend {
     Cuda(Box<lvllm_models::cuda_qwen3_moe::CudaQwen3Moe>),
 }
 
-struct Runner {
-    backend: Backend,
-    blocks: BlockAllocator,
+impl Backend {
+    /// Runs one forward batch.
+    pub(crate) fn forward(&mut self, batch: &ForwardBatch<'_>) -> Result<Logits> {
+        match self {
+            Backend::Cpu { model, cache } => model.forward(batch, cache).map_err(Error::Inference),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(m) => m.forward(batch).map_err(Error::Inference),
+        }
+    }
+}
+
+pub(crate) struct Runner {
+    pub(crate) backend: Backend,
+    pub(crate) blocks: BlockAllocator,
+    /// The pool computing CPU experts (CPU device, or hybrid placement).
+    pub(crate) pool: Option<Arc<Pool>>,
 }
 
 /// A prompt: text, token ids, or chat messages for the chat template.
@@ -497,6 +600,22 @@ impl Engine {
     /// Starts configuring an engine.
     pub fn builder() -> EngineBuilder {
         EngineBuilder::default()
+    }
+
+    /// Tokens per KV block.
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    /// Vocabulary size of the model.
+    pub fn vocab_size(&self) -> usize {
+        self.config.vocab_size()
+    }
+
+    /// The model runner, exclusively (a poisoned lock is recovered: the runner
+    /// holds no invariant a panicking request could break half-way).
+    pub(crate) fn lock_runner(&self) -> MutexGuard<'_, Runner> {
+        self.runner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The model's name (its directory or embedded name).
@@ -689,11 +808,7 @@ impl GenerationStream<'_> {
         let positions: Vec<usize> = (first_pos..first_pos + tokens.len()).collect();
         let seqs = [SeqSpan { len: tokens.len(), block_table: &self.blocks, state_slot: None }];
         let batch = ForwardBatch { tokens, positions: &positions, seqs: &seqs, logits };
-        match &mut self.runner.backend {
-            Backend::Cpu { model, cache } => model.forward(&batch, cache).map_err(Error::Inference),
-            #[cfg(feature = "cuda")]
-            Backend::Cuda(m) => m.forward(&batch).map_err(Error::Inference),
-        }
+        self.runner.backend.forward(&batch)
     }
 
     fn prefill(&mut self) -> Result<()> {

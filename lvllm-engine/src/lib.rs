@@ -19,17 +19,21 @@
 //! [`chat_template`], [`kv`] (KV block allocation).
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod bench;
 pub mod chat_template;
 pub mod engine;
 mod error;
 pub mod kv;
+pub mod placement;
 pub mod sampling;
 pub mod tokenizer;
 
+pub use bench::{BenchOptions, BenchReport};
 pub use engine::{
     cuda_available, Binding, ChatPrompt, Device, EmbeddedModel, Engine, EngineBuilder, FinishReason, Generation,
     GenerationStats, GenerationStream, ModelSource, MoeWeight, Prompt, StreamDelta, ThreadOptions,
 };
 pub use error::{Error, Result};
+pub use placement::{LayerSet, LoadFormat, MoePlacement};
 pub use sampling::{SamplingParams, TokenLogprobs, TopLogprob};
 pub use tokenizer::Tokenizer;

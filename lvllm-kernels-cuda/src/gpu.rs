@@ -42,6 +42,8 @@ const KERNELS: &[&str] = &[
     "gemv_bf16",
     "moe_gemv_bf16",
     "moe_combine_add",
+    "router_topk_handoff",
+    "add_from_host",
 ];
 
 /// Most rows (tokens) the GEMV kernels take at once (`GEMV_MAX_T` in kernels.cu).
@@ -313,7 +315,7 @@ impl Gpu {
             return Err(Error::Args(format!("head_dim {dim} > 256")));
         }
         let cfg =
-            LaunchConfig { grid_dim: (tokens as u32, n_heads as u32, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
+            LaunchConfig { grid_dim: (tokens as u32, n_heads as u32, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 };
         self.launch(
             "paged_attention",
             cfg,
@@ -457,6 +459,110 @@ impl Gpu {
         self.launch("moe_combine_add", rows(tokens, 256), &[&y, &wts, &out, &(k as i32), &(width as i32)])
     }
 
+    /// Allocates `bytes` of pinned host memory mapped into the device's address
+    /// space (zeroed), for flags and data the CPU and the GPU exchange without copies.
+    pub fn alloc_mapped(&self, bytes: usize) -> Result<MappedHost> {
+        use cudarc::driver::sys;
+        self.ctx.bind_to_thread().map_err(drv)?;
+        let bytes = bytes.max(64);
+        let mut host: *mut std::ffi::c_void = std::ptr::null_mut();
+        // SAFETY: the context is current on this thread; `host` receives the allocation.
+        unsafe {
+            sys::cuMemHostAlloc(&mut host, bytes, sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE)
+        }
+        .result()
+        .map_err(drv)?;
+        let mut dev: sys::CUdeviceptr = 0;
+        // SAFETY: `host` is a live mapped allocation of this context.
+        let mapped = unsafe { sys::cuMemHostGetDevicePointer_v2(&mut dev, host, 0) }.result();
+        if let Err(e) = mapped {
+            // SAFETY: `host` came from cuMemHostAlloc above and is not used again.
+            unsafe { sys::cuMemFreeHost(host) };
+            return Err(drv(e));
+        }
+        // SAFETY: `host` points to `bytes` writable bytes that nothing else uses yet.
+        unsafe { std::ptr::write_bytes(host as *mut u8, 0, bytes) };
+        Ok(MappedHost { ctx: self.ctx.clone(), host: host as *mut u8, dev, bytes })
+    }
+
+    /// Enqueues a 32-bit write of `value` to `addr` (a mapped host or device
+    /// address) after all prior work of the stream, with a memory fence before it
+    /// (`cuStreamWriteValue32`); capturable in a CUDA graph.
+    ///
+    /// # Safety
+    /// `addr` is a live, 4-byte aligned mapped or device address of this context.
+    pub unsafe fn write_value32(&self, addr: u64, value: u32) -> Result<()> {
+        use cudarc::driver::sys;
+        // SAFETY: the caller guarantees `addr`; the stream is this GPU's.
+        unsafe { sys::cuStreamWriteValue32_v2(self.stream.cu_stream(), addr, value, 0) }.result().map_err(drv)
+    }
+
+    /// Holds the stream until the 32-bit word at `addr` equals `value`
+    /// (`cuStreamWaitValue32`); capturable in a CUDA graph.
+    ///
+    /// # Safety
+    /// `addr` is a live, 4-byte aligned mapped or device address of this context,
+    /// and something will write `value` there, or the stream never proceeds.
+    pub unsafe fn wait_value32(&self, addr: u64, value: u32) -> Result<()> {
+        use cudarc::driver::sys;
+        let eq = sys::CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_EQ as u32;
+        // SAFETY: as above.
+        unsafe { sys::cuStreamWaitValue32_v2(self.stream.cu_stream(), addr, value, eq) }.result().map_err(drv)
+    }
+
+    /// Whether the stream still has work queued (`Ok(true)`), is idle
+    /// (`Ok(false)`), or has failed.
+    pub fn stream_busy(&self) -> Result<bool> {
+        use cudarc::driver::sys::{self, CUresult};
+        // SAFETY: the stream handle is this GPU's and alive.
+        match unsafe { sys::cuStreamQuery(self.stream.cu_stream()) } {
+            CUresult::CUDA_SUCCESS => Ok(false),
+            CUresult::CUDA_ERROR_NOT_READY => Ok(true),
+            other => Err(drv(other)),
+        }
+    }
+
+    /// The GPU half of a hybrid-MoE handoff's data, fused with the router's
+    /// softmax top-k: routes `n` tokens from `logits` (`n × n_experts`) into the
+    /// mapped `dst_ids`/`dst_w` (`n × k`), copies `n` rows of `a` (`h` f32) to the
+    /// mapped `dst_h`, sets `*done = 0` and `*n_out = n`.
+    ///
+    /// # Safety
+    /// Sources and destinations hold the values named; `done` and `n_out` are
+    /// mapped u32 words.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn router_topk_handoff(
+        &self,
+        logits: u64,
+        a: u64,
+        (n, n_experts, k, renormalize): (usize, usize, usize, bool),
+        h: usize,
+        dst: [u64; 3],
+        done: u64,
+        n_out: u64,
+    ) -> Result<()> {
+        if k > 32 || k > n_experts {
+            return Err(Error::Args(format!("top-{k} of {n_experts} experts (at most 32)")));
+        }
+        let blocks = (n * h).div_ceil(256).clamp(1, 64);
+        let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let (n, e, k, r, h) = (n as i32, n_experts as i32, k as i32, renormalize as i32, h as i32);
+        self.launch(
+            "router_topk_handoff",
+            cfg,
+            &[&logits, &a, &n, &e, &k, &r, &h, &dst[0], &dst[1], &dst[2], &done, &n_out],
+        )
+    }
+
+    /// `x += y` for `n` values where `y` is mapped host memory the CPU rewrites
+    /// between steps (read uncached).
+    ///
+    /// # Safety
+    /// `x`: `n` f32 on the device, `y`: `n` f32 mapped.
+    pub unsafe fn add_from_host(&self, x: u64, y: u64, n: usize) -> Result<()> {
+        self.launch("add_from_host", grid1(n, 256), &[&x, &y, &(n as i64)])
+    }
+
     /// Starts capturing this GPU's stream into a CUDA graph.
     pub fn begin_capture(&self) -> Result<()> {
         self.stream
@@ -554,4 +660,56 @@ fn compile(arch: (i32, i32), cache_dir: Option<&Path>) -> Result<Ptx> {
         let _ = std::fs::create_dir_all(dir).and_then(|_| std::fs::write(f, ptx.to_src()));
     }
     Ok(ptx)
+}
+
+/// Pinned host memory mapped into a GPU's address space: the CPU reads and
+/// writes it through [`MappedHost::host_ptr`], kernels and stream memory
+/// operations through [`MappedHost::dev_ptr`].
+pub struct MappedHost {
+    ctx: Arc<CudaContext>,
+    host: *mut u8,
+    dev: u64,
+    bytes: usize,
+}
+
+// SAFETY: the allocation is plain pinned memory owned by this value; concurrent
+// access is coordinated by its users (flags with acquire/release ordering).
+unsafe impl Send for MappedHost {}
+// SAFETY: as above; `&MappedHost` only hands out raw pointers.
+unsafe impl Sync for MappedHost {}
+
+impl MappedHost {
+    /// The host address.
+    pub fn host_ptr(&self) -> *mut u8 {
+        self.host
+    }
+
+    /// The device address of the same bytes.
+    pub fn dev_ptr(&self) -> u64 {
+        self.dev
+    }
+
+    /// Size in bytes.
+    pub fn len(&self) -> usize {
+        self.bytes
+    }
+
+    /// Whether it is empty (never: allocations are at least 64 bytes).
+    pub fn is_empty(&self) -> bool {
+        self.bytes == 0
+    }
+}
+
+impl std::fmt::Debug for MappedHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MappedHost({} bytes)", self.bytes)
+    }
+}
+
+impl Drop for MappedHost {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: `host` came from cuMemHostAlloc and is freed once, here.
+        unsafe { cudarc::driver::sys::cuMemFreeHost(self.host as *mut std::ffi::c_void) };
+    }
 }

@@ -102,10 +102,15 @@ extern "C" __global__ void kv_write(const float* k, const float* v, float* kc, f
 // q/out: [T, n_heads, D]; kc/vc: [slots, n_kv, D]; token t of sequence seq[t] at
 // position pos[t] attends to positions 0..=pos[t] through block_tables[seq, :].
 // grid: (T, n_heads), block: 32. D ≤ 256.
+#define ATT_WARPS 16
 extern "C" __global__ void paged_attention(const float* q, const float* kc, const float* vc, float* out, const int* pos,
                                            const int* seq, const int* block_tables, int max_blocks, int block_size,
                                            int n_heads, int n_kv, int dim, float scale) {
-    const int t = blockIdx.x, h = blockIdx.y, lane = threadIdx.x;
+    // One block of ATT_WARPS warps per (token, head): warp w takes positions
+    // w, w + ATT_WARPS, ... with its own online softmax, then the warps' partial
+    // results are merged through shared memory. The per-position loop is latency
+    // bound, so spreading it over warps is what makes decode attention fast.
+    const int t = blockIdx.x, h = blockIdx.y, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     const int kvh = h / (n_heads / n_kv);
     const float* qh = q + ((size_t)t * n_heads + h) * dim;
     float qv[8], acc[8];
@@ -117,9 +122,11 @@ extern "C" __global__ void paged_attention(const float* q, const float* kc, cons
     }
     float m = -LV_INF, l = 0.f;
     const int* bt = block_tables + (size_t)seq[t] * max_blocks;
-    for (int j = 0; j <= pos[t]; j++) {
+    const int last = pos[t];
+    for (int j = w; j <= last; j += ATT_WARPS) {
         const size_t slot = (size_t)bt[j / block_size] * block_size + j % block_size;
         const float* kj = kc + (slot * n_kv + kvh) * dim;
+        const float* vj = vc + (slot * n_kv + kvh) * dim;
         float s = 0.f;
         for (int i = 0; i < per; i++) {
             const int d = lane + 32 * i;
@@ -129,17 +136,33 @@ extern "C" __global__ void paged_attention(const float* q, const float* kc, cons
         const float m_new = fmaxf(m, s);
         const float corr = expf(m - m_new), pj = expf(s - m_new);
         l = l * corr + pj;
-        const float* vj = vc + (slot * n_kv + kvh) * dim;
         for (int i = 0; i < per; i++) {
             const int d = lane + 32 * i;
             acc[i] = acc[i] * corr + (d < dim ? pj * vj[d] : 0.f);
         }
         m = m_new;
     }
-    float* oh = out + ((size_t)t * n_heads + h) * dim;
+    __shared__ float sm[ATT_WARPS], sl[ATT_WARPS];
+    __shared__ float sacc[ATT_WARPS][256];
+    if (lane == 0) {
+        sm[w] = m;
+        sl[w] = l;
+    }
     for (int i = 0; i < per; i++) {
         const int d = lane + 32 * i;
-        if (d < dim) oh[d] = acc[i] / l;
+        if (d < dim) sacc[w][d] = acc[i];
+    }
+    __syncthreads();
+    float mx = -LV_INF;
+    for (int v = 0; v < ATT_WARPS; v++) mx = fmaxf(mx, sm[v]);
+    float total = 0.f;
+    for (int v = 0; v < ATT_WARPS; v++) total += sl[v] > 0.f ? sl[v] * expf(sm[v] - mx) : 0.f;
+    float* oh = out + ((size_t)t * n_heads + h) * dim;
+    for (int d = threadIdx.x; d < dim; d += blockDim.x) {
+        float s = 0.f;
+        for (int v = 0; v < ATT_WARPS; v++)
+            if (sl[v] > 0.f) s += sacc[v][d] * expf(sm[v] - mx);
+        oh[d] = s / total;
     }
 }
 
@@ -229,23 +252,40 @@ __device__ __forceinline__ void load8(const bf16_t* p, float* w) {
     }
 }
 
+// acc[t] += x[t, k0..k0+8] · w[0..8] for rows t < T.
+__device__ __forceinline__ void fma8_rows(const float* x, long long x_stride, int k0, const float* w, float* acc, int T) {
+#pragma unroll
+    for (int t = 0; t < GEMV_MAX_T; t++) {
+        if (t < T) {
+            const float* xr = x + t * x_stride + k0;
+            const float4 a = *reinterpret_cast<const float4*>(xr);
+            const float4 b = *reinterpret_cast<const float4*>(xr + 4);
+            acc[t] += a.x * w[0] + a.y * w[1] + a.z * w[2] + a.w * w[3] + b.x * w[4] + b.y * w[5] + b.z * w[6] + b.w * w[7];
+        }
+    }
+}
+
 // One warp computes y[r, n] = Σ_k x[r, k] · w[n, k] for rows r < T of x
 // (x rows `x_stride` apart). f32 activations, bf16 weights, f32 accumulation.
 __device__ __forceinline__ void warp_gemv_row(const float* x, long long x_stride, const bf16_t* wr, float* acc, int T, int K) {
     const int lane = threadIdx.x & 31;
     if ((K & 7) == 0) {
-        for (int k0 = lane * 8; k0 < K; k0 += 256) {
+        // Four 16-byte weight loads are issued before any is used, so each lane
+        // keeps several requests in flight (a single load per iteration leaves
+        // the loop latency bound, far below the memory bandwidth). The sums are
+        // accumulated chunk by chunk in the same order as one chunk at a time.
+        int k0 = lane * 8;
+        for (; k0 + 768 < K; k0 += 1024) {
+            float w[4][8];
+#pragma unroll
+            for (int u = 0; u < 4; u++) load8(wr + k0 + u * 256, w[u]);
+#pragma unroll
+            for (int u = 0; u < 4; u++) fma8_rows(x, x_stride, k0 + u * 256, w[u], acc, T);
+        }
+        for (; k0 < K; k0 += 256) {
             float w[8];
             load8(wr + k0, w);
-#pragma unroll
-            for (int t = 0; t < GEMV_MAX_T; t++) {
-                if (t < T) {
-                    const float* xr = x + t * x_stride + k0;
-                    const float4 a = *reinterpret_cast<const float4*>(xr);
-                    const float4 b = *reinterpret_cast<const float4*>(xr + 4);
-                    acc[t] += a.x * w[0] + a.y * w[1] + a.z * w[2] + a.w * w[3] + b.x * w[4] + b.y * w[5] + b.z * w[6] + b.w * w[7];
-                }
-            }
+            fma8_rows(x, x_stride, k0, w, acc, T);
         }
     } else {
         for (int k = lane; k < K; k += 32) {
@@ -294,4 +334,59 @@ extern "C" __global__ void moe_combine_add(const float* y, const float* wts, flo
         for (int j = 0; j < k; j++) s += wts[t * k + j] * y[((size_t)t * k + j) * width + i];
         out[(size_t)t * width + i] += s;
     }
+}
+
+// Hybrid MoE handoff, GPU side, fused with the router's softmax top-k: copies
+// the normed hidden states `a` into the mapped host region, writes each token's
+// top-k ids and weights there (thread t < n_tokens routes token t; k ≤ 32),
+// clears the layer's done flag and records n_tokens, so the stream-ordered
+// doorbell write that follows publishes all of it at once.
+extern "C" __global__ void router_topk_handoff(const float* logits, const float* a, int n_tokens, int n_experts, int k,
+                                               int renormalize, int h, int* dst_ids, float* dst_w, float* dst_h,
+                                               volatile unsigned* done, unsigned* n_out) {
+    const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = tid; i < (long long)n_tokens * h; i += stride) dst_h[i] = a[i];
+    if (tid < n_tokens) {
+        const int t = (int)tid;
+        const float* lg = logits + (size_t)t * n_experts;
+        float mx = -LV_INF;
+        for (int e = 0; e < n_experts; e++) mx = fmaxf(mx, lg[e]);
+        float z = 0.f;
+        for (int e = 0; e < n_experts; e++) z += expf(lg[e] - mx);
+        int ids[32];
+        float ws[32];
+        float sum = 0.f;
+        int prev = -1;
+        float prev_v = LV_INF;
+        for (int j = 0; j < k; j++) {
+            int best = -1;
+            float bv = -LV_INF;
+            for (int e = 0; e < n_experts; e++) {
+                const float v = lg[e];
+                const bool after = v < prev_v || (v == prev_v && e > prev);
+                if (after && (best < 0 || v > bv)) { best = e; bv = v; }
+            }
+            ids[j] = best;
+            ws[j] = expf(bv - mx) / z;
+            sum += ws[j];
+            prev = best;
+            prev_v = bv;
+        }
+        for (int j = 0; j < k; j++) {
+            dst_ids[t * k + j] = ids[j];
+            dst_w[t * k + j] = renormalize ? ws[j] / sum : ws[j];
+        }
+    }
+    if (tid == 0) {
+        *done = 0u;
+        *n_out = (unsigned)n_tokens;
+    }
+}
+
+// x += y where y lives in mapped host memory that the CPU rewrites between
+// reads: `ld.global.cv` fetches it again instead of trusting a cached line.
+extern "C" __global__ void add_from_host(float* x, const float* y, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] += __ldcv(y + i);
 }

@@ -16,7 +16,7 @@
 mod gpu;
 
 pub use cudarc::driver::CudaGraph;
-pub use gpu::{DevBuf, Gpu, GEMV_MAX_T};
+pub use gpu::{DevBuf, Gpu, MappedHost, GEMV_MAX_T};
 
 /// Errors of `lvllm-kernels-cuda`.
 #[derive(Debug, thiserror::Error)]

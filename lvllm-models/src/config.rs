@@ -55,6 +55,13 @@ impl ModelConfig {
         }
     }
 
+    /// Decoder layers.
+    pub fn num_hidden_layers(&self) -> usize {
+        match self {
+            ModelConfig::Qwen3Moe(c) => c.num_hidden_layers,
+        }
+    }
+
     /// Vocabulary size (rows of the embedding).
     pub fn vocab_size(&self) -> usize {
         match self {
@@ -265,6 +272,11 @@ pub struct Qwen3MoeConfig {
 }
 
 impl Qwen3MoeConfig {
+    /// KV-cache bytes one token occupies (f32 keys and values of every layer).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        self.num_hidden_layers * 2 * self.num_key_value_heads * self.head_dim * 4
+    }
+
     /// Whether decoder layer `layer` has a sparse MoE block (Hugging Face's rule).
     pub fn is_moe_layer(&self, layer: usize) -> bool {
         !self.mlp_only_layers.contains(&layer)

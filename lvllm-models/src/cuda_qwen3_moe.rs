@@ -135,6 +135,35 @@ struct Layer {
     ffn: Ffn,
 }
 
+#[derive(Debug, Default)]
+struct HandoffCounters {
+    /// Layers served through the mapped region (decode).
+    mapped: std::sync::atomic::AtomicU64,
+    /// Host ns spent waiting for doorbells.
+    wait_ns: std::sync::atomic::AtomicU64,
+    /// Host ns spent computing experts (mapped path).
+    compute_ns: std::sync::atomic::AtomicU64,
+    /// Layers handed off with synchronous copies (prefill).
+    copied: std::sync::atomic::AtomicU64,
+    /// ns of those copies.
+    copy_ns: std::sync::atomic::AtomicU64,
+}
+
+/// What the CPU MoE layers cost so far (see [`CudaQwen3Moe::handoff_stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct HandoffStats {
+    /// Layers served through mapped memory and stream memory operations.
+    pub mapped_layers: u64,
+    /// Mean host µs per mapped layer spent computing the experts.
+    pub compute_us: f64,
+    /// Mean host µs per mapped layer spent waiting for the GPU's doorbell.
+    pub wait_us: f64,
+    /// Layers handed off with synchronous copies (prefill, or no memory ops).
+    pub copied_layers: u64,
+    /// Mean µs of those copies per layer.
+    pub copy_us: f64,
+}
+
 /// A Qwen3-MoE model on a GPU, with its paged KV cache.
 pub struct CudaQwen3Moe {
     gpu: Arc<Gpu>,
@@ -149,8 +178,13 @@ pub struct CudaQwen3Moe {
     block_size: usize,
     num_blocks: usize,
     ws: Workspace,
-    /// Host handoff of CPU MoE layers: (calls, nanoseconds of copies).
-    handoff: (std::sync::atomic::AtomicU64, std::sync::atomic::AtomicU64),
+    /// The mapped region of the decode path's CPU MoE handoffs (`None`: no CPU
+    /// MoE layers, or the device lacks stream memory operations).
+    ring: Option<lvllm_moe::hybrid::Handoff>,
+    /// Why `ring` is `None` although there are CPU MoE layers.
+    ring_error: Option<String>,
+    /// Counters of the CPU MoE layers served.
+    handoff: HandoffCounters,
     /// Captured decode steps by batch size (`None`: graphs off).
     graphs: Option<std::sync::Mutex<std::collections::HashMap<usize, lvllm_kernels_cuda::CudaGraph>>>,
 }
@@ -380,11 +414,23 @@ impl CudaQwen3Moe {
             logits: f(mt * cfg.vocab_size)?,
         };
         gpu.synchronize().map_err(gpu_err)?;
+        let hybrid = layers.iter().any(|l| matches!(l.ffn, Ffn::CpuMoe { .. }));
+        let (ring, ring_error) = if hybrid {
+            match lvllm_moe::hybrid::Handoff::new(&gpu, h, k, mt) {
+                Ok(r) => (Some(r), None),
+                Err(err) => (None, Some(err.to_string())),
+            }
+        } else {
+            (None, None)
+        };
         Ok(CudaQwen3Moe {
             ws,
-            // The CPU handoff synchronises with the host, which a graph cannot hold.
-            graphs: (cuda_graphs && !layers.iter().any(|l| matches!(l.ffn, Ffn::CpuMoe { .. })))
+            // Without the mapped handoff the CPU layers synchronise with the host,
+            // which a graph cannot hold.
+            graphs: (cuda_graphs && (!hybrid || ring.is_some()))
                 .then(|| std::sync::Mutex::new(std::collections::HashMap::new())),
+            ring,
+            ring_error,
             handoff: Default::default(),
             gpu,
             cfg: cfg.clone(),
@@ -400,13 +446,89 @@ impl CudaQwen3Moe {
         })
     }
 
-    /// Handoffs to CPU experts so far and their mean cost in µs (device→host
-    /// copy of hidden states and routing, host→device copy of the result;
-    /// excludes waiting for the GPU and the experts' compute).
-    pub fn handoff_stats(&self) -> (u64, f64) {
+    /// What the CPU MoE layers have cost so far.
+    pub fn handoff_stats(&self) -> HandoffStats {
         use std::sync::atomic::Ordering::Relaxed;
-        let n = self.handoff.0.load(Relaxed);
-        (n, if n == 0 { 0.0 } else { self.handoff.1.load(Relaxed) as f64 / n as f64 / 1e3 })
+        let c = &self.handoff;
+        let mean = |ns: &std::sync::atomic::AtomicU64, n: u64| {
+            if n == 0 {
+                0.0
+            } else {
+                ns.load(Relaxed) as f64 / n as f64 / 1e3
+            }
+        };
+        let (m, cp) = (c.mapped.load(Relaxed), c.copied.load(Relaxed));
+        HandoffStats {
+            mapped_layers: m,
+            compute_us: mean(&c.compute_ns, m),
+            wait_us: mean(&c.wait_ns, m),
+            copied_layers: cp,
+            copy_us: mean(&c.copy_ns, cp),
+        }
+    }
+
+    /// How decode steps hand CPU MoE layers off: `None` for no CPU layers,
+    /// else a description (mapped memory with stream memory operations, or the
+    /// synchronous-copy fallback and why).
+    pub fn handoff_mode(&self) -> Option<String> {
+        if !self.is_hybrid() {
+            return None;
+        }
+        Some(match (&self.ring, &self.ring_error) {
+            (Some(_), _) => format!(
+                "mapped memory + stream memory operations{}",
+                if self.graphs.is_some() { ", CUDA graphs" } else { ", eager" }
+            ),
+            (None, e) => format!("synchronous copies, eager ({})", e.as_deref().unwrap_or("no mapped region")),
+        })
+    }
+
+    /// Whether decode steps are captured as CUDA graphs.
+    pub fn uses_graphs(&self) -> bool {
+        self.graphs.is_some()
+    }
+
+    /// What one decode token reads: bf16 weights on the device, CPU experts in
+    /// their packed format on the host.
+    pub fn weight_traffic(&self) -> crate::WeightTraffic {
+        let cfg = &self.cfg;
+        let bytes = |m: &Mat| m.rows * m.cols * 2;
+        let mut t = crate::WeightTraffic {
+            device_fixed: bytes(self.lm_head.as_ref().unwrap_or(&self.embed)),
+            ..Default::default()
+        };
+        for (l, layer) in self.layers.iter().enumerate() {
+            t.device_fixed += bytes(&layer.q) + bytes(&layer.k) + bytes(&layer.v) + bytes(&layer.o);
+            let moe = |expert_bytes, on_host| crate::MoeLayerTraffic {
+                layer: l,
+                n_experts: cfg.num_experts,
+                top_k: cfg.num_experts_per_tok,
+                expert_bytes,
+                on_host,
+            };
+            match &layer.ffn {
+                Ffn::Dense { gate, up, down } => t.device_fixed += bytes(gate) + bytes(up) + bytes(down),
+                Ffn::Moe { router, gate, up, down } => {
+                    t.device_fixed += bytes(router);
+                    t.moe_layers.push(moe((bytes(gate) + bytes(up) + bytes(down)) / cfg.num_experts, false));
+                }
+                Ffn::CpuMoe { router, experts } => {
+                    t.device_fixed += bytes(router);
+                    t.moe_layers.push(moe(experts.expert_bytes(), true));
+                }
+            }
+        }
+        t
+    }
+
+    /// KV-cache bytes one token occupies.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        self.cfg.kv_bytes_per_token()
+    }
+
+    /// (hidden size, experts, experts per token) of the handoffs.
+    pub fn handoff_shape(&self) -> (usize, usize, usize) {
+        (self.cfg.hidden_size, self.cfg.num_experts, self.cfg.num_experts_per_tok)
     }
 
     /// Whether any MoE layer runs its experts on the CPU.
@@ -578,15 +700,30 @@ impl CudaQwen3Moe {
                     std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
                     std::collections::hash_map::Entry::Vacant(v) => {
                         g.begin_capture().map_err(e)?;
-                        let r = self.decode_kernels(n);
+                        let r = self.decode_kernels(n, false);
                         let graph = g.end_capture().map_err(e);
                         r?;
                         v.insert(graph?)
                     }
                 };
                 graph.launch().map_err(|err| Error::Input(format!("CUDA graph launch: {err:?}")))?;
+                // The graph rings one doorbell per CPU MoE layer, in order.
+                let mut first_err = None;
+                for (l, layer) in self.layers.iter().enumerate() {
+                    if let Ffn::CpuMoe { experts, .. } = &layer.ffn {
+                        match self.serve(l, experts) {
+                            Ok(()) => {}
+                            Err(err @ Error::Moe(lvllm_moe::Error::Gpu(_))) => return Err(err),
+                            Err(err) => first_err = first_err.or(Some(err)),
+                        }
+                    }
+                }
+                if let Some(err) = first_err {
+                    g.synchronize().map_err(e)?;
+                    return Err(err);
+                }
             }
-            None => self.decode_kernels(n)?,
+            None => self.decode_kernels(n, true)?,
         }
         let data = g.download_n(&ws.logits, n * self.cfg.vocab_size).map_err(e)?;
         if data.iter().any(|v| !v.is_finite()) {
@@ -595,9 +732,24 @@ impl CudaQwen3Moe {
         Ok(Logits { rows: (0..n).collect(), vocab: self.cfg.vocab_size, data })
     }
 
+    /// Serves decoder layer `l`'s CPU MoE handoff on this thread.
+    fn serve(&self, l: usize, experts: &lvllm_moe::CpuExperts) -> Result<()> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let ring = self.ring.as_ref().ok_or_else(|| Error::Input("no handoff region".into()))?;
+        let g = &*self.gpu;
+        let mut busy = || g.stream_busy().map_err(|e| lvllm_moe::Error::Gpu(e.to_string()));
+        let t = ring.serve(l as u32 + 1, Some(experts), &mut busy)?;
+        self.handoff.mapped.fetch_add(1, Relaxed);
+        self.handoff.wait_ns.fetch_add(t.wait.as_nanos() as u64, Relaxed);
+        self.handoff.compute_ns.fetch_add(t.compute.as_nanos() as u64, Relaxed);
+        Ok(())
+    }
+
     /// The kernels of one decode step over the static workspace (capturable:
-    /// no allocation, no host synchronisation).
-    fn decode_kernels(&self, n: usize) -> Result<()> {
+    /// no allocation, no host synchronisation). CPU MoE layers hand off through
+    /// the mapped region; `serve_inline` serves each right after queuing it
+    /// (eager), otherwise the caller serves them after launching the graph.
+    fn decode_kernels(&self, n: usize, serve_inline: bool) -> Result<()> {
         let cfg = &self.cfg;
         let g = &*self.gpu;
         let e = gpu_err;
@@ -653,10 +805,21 @@ impl CudaQwen3Moe {
                         gemv(&ws.act, down, &ws.o)?;
                         g.add_inplace(p(&ws.x), p(&ws.o), n * h).map_err(e)?;
                     }
-                    Ffn::CpuMoe { router, experts } => {
-                        self.cpu_moe(&ws.a, n, router, experts, &ws.o)?;
-                        g.add_inplace(p(&ws.x), p(&ws.o), n * h).map_err(e)?;
-                    }
+                    Ffn::CpuMoe { router, experts } => match &self.ring {
+                        Some(ring) => {
+                            let ne = cfg.num_experts;
+                            gemv(&ws.a, router, &ws.rlog)?;
+                            ring.enqueue(g, l as u32 + 1, p(&ws.a), p(&ws.rlog), (n, ne, cfg.norm_topk_prob))?;
+                            if serve_inline {
+                                self.serve(l, experts)?;
+                            }
+                            g.add_from_host(p(&ws.x), ring.out_dev_ptr(), n * h).map_err(e)?;
+                        }
+                        None => {
+                            self.cpu_moe(&ws.a, n, router, experts, &ws.o)?;
+                            g.add_inplace(p(&ws.x), p(&ws.o), n * h).map_err(e)?;
+                        }
+                    },
                     Ffn::Moe { router, gate, up, down } => {
                         let (k, ne, i) = (cfg.num_experts_per_tok, cfg.num_experts, cfg.moe_intermediate_size);
                         gemv(&ws.a, router, &ws.rlog)?;
@@ -771,8 +934,8 @@ impl CudaQwen3Moe {
         // SAFETY: `y` holds ≥ n × h f32.
         unsafe { g.upload_to(&out, g.ptr(y)) }.map_err(e)?;
         let copy_out = t1.elapsed();
-        self.handoff.0.fetch_add(1, Relaxed);
-        self.handoff.1.fetch_add((copy_in + copy_out).as_nanos() as u64, Relaxed);
+        self.handoff.copied.fetch_add(1, Relaxed);
+        self.handoff.copy_ns.fetch_add((copy_in + copy_out).as_nanos() as u64, Relaxed);
         Ok(())
     }
 

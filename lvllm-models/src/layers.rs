@@ -18,6 +18,11 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// Bytes of the weight as stored.
+    pub fn weight_bytes(&self) -> usize {
+        self.weight.as_bytes().len()
+    }
+
     /// Loads `{prefix}.weight` (and `{prefix}.bias` when `bias`) of shape `[out, in]`.
     pub fn load(src: &WeightSource, prefix: &str, out_features: usize, in_features: usize, bias: bool) -> Result<Self> {
         let weight = ops::to_linear_dtype(src.get_float(&format!("{prefix}.weight"), &[out_features, in_features])?)?;
@@ -119,6 +124,11 @@ pub struct Mlp {
 }
 
 impl Mlp {
+    /// Bytes of the three weights as stored.
+    pub fn weight_bytes(&self) -> usize {
+        self.gate.weight_bytes() + self.up.weight_bytes() + self.down.weight_bytes()
+    }
+
     /// Loads `{prefix}.{gate,up,down}_proj`.
     pub fn load(src: &WeightSource, prefix: &str, hidden: usize, intermediate: usize) -> Result<Self> {
         Ok(Mlp {

@@ -45,7 +45,68 @@ pub enum Model {
     Qwen3Moe(qwen3_moe::Qwen3Moe),
 }
 
+/// What one decode token reads from memory, for the bandwidth-bound limit of
+/// DESIGN.md's performance model (benchmarks print it next to every figure).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WeightTraffic {
+    /// Bytes read from host memory for every token (dense weights of a CPU model).
+    pub host_fixed: usize,
+    /// Bytes read from device memory for every token (dense weights on a GPU).
+    pub device_fixed: usize,
+    /// The routed experts of each MoE layer.
+    pub moe_layers: Vec<MoeLayerTraffic>,
+}
+
+/// One MoE layer's routed experts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MoeLayerTraffic {
+    /// Decoder layer index.
+    pub layer: usize,
+    /// Experts in the layer.
+    pub n_experts: usize,
+    /// Experts per token.
+    pub top_k: usize,
+    /// Bytes of one expert's three projections as stored (scales included).
+    pub expert_bytes: usize,
+    /// Whether they are in host memory (computed by the CPU).
+    pub on_host: bool,
+}
+
+impl WeightTraffic {
+    /// (host, device) bytes of one decode step of `batch` tokens, with experts
+    /// routed uniformly at random (each layer touches
+    /// `E · (1 − (1 − k/E)^batch)` distinct experts).
+    pub fn step_bytes(&self, batch: usize) -> (f64, f64) {
+        let (mut host, mut dev) = (self.host_fixed as f64, self.device_fixed as f64);
+        for m in &self.moe_layers {
+            let e = m.n_experts as f64;
+            let active = e * (1.0 - (1.0 - m.top_k as f64 / e).powi(batch as i32));
+            let b = active * m.expert_bytes as f64;
+            if m.on_host {
+                host += b;
+            } else {
+                dev += b;
+            }
+        }
+        (host, dev)
+    }
+}
+
 impl Model {
+    /// KV-cache bytes one cached token occupies (all layers, keys and values).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        match self {
+            Model::Qwen3Moe(m) => m.config().kv_bytes_per_token(),
+        }
+    }
+
+    /// What one decode token reads (all from host memory).
+    pub fn weight_traffic(&self) -> WeightTraffic {
+        match self {
+            Model::Qwen3Moe(m) => m.weight_traffic(),
+        }
+    }
+
     /// Builds the model `config` describes from the tensors of `src`.
     pub fn load(config: &ModelConfig, src: &WeightSource, opts: &LoadOptions) -> Result<Self> {
         match config {
@@ -126,4 +187,24 @@ fn validate_batch_shape(batch: &ForwardBatch<'_>, cfg: CacheConfig, max_position
         start += s.len;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod traffic_tests {
+    use super::*;
+
+    #[test]
+    fn step_bytes_counts_distinct_experts_per_side() {
+        let layer = |layer, on_host| MoeLayerTraffic { layer, n_experts: 128, top_k: 8, expert_bytes: 1000, on_host };
+        let t = WeightTraffic { host_fixed: 5, device_fixed: 7, moe_layers: vec![layer(0, true), layer(1, false)] };
+        // One token touches exactly top_k experts per layer.
+        let (host, dev) = t.step_bytes(1);
+        assert!((host - 8005.0).abs() < 1e-6 && (dev - 8007.0).abs() < 1e-6, "{host} {dev}");
+        // More tokens touch more distinct experts, never more than all of them.
+        let (h4, _) = t.step_bytes(4);
+        let want = 128.0 * (1.0 - (1.0f64 - 8.0 / 128.0).powi(4)) * 1000.0 + 5.0;
+        assert!((h4 - want).abs() < 1e-6 && h4 < 4.0 * 8000.0 + 5.0);
+        let (hmax, _) = t.step_bytes(100_000);
+        assert!((hmax - 128_005.0).abs() < 1e-3);
+    }
 }

@@ -61,6 +61,30 @@ pub struct Qwen3Moe {
 }
 
 impl Qwen3Moe {
+    /// What one decode token reads.
+    pub fn weight_traffic(&self) -> crate::WeightTraffic {
+        let mut t = crate::WeightTraffic { host_fixed: self.lm_head.weight_bytes(), ..Default::default() };
+        for (l, layer) in self.layers.iter().enumerate() {
+            let a = &layer.attn;
+            t.host_fixed +=
+                [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj].iter().map(|p| p.weight_bytes()).sum::<usize>();
+            match &layer.ffn {
+                FeedForward::Dense(mlp) => t.host_fixed += mlp.weight_bytes(),
+                FeedForward::Sparse(moe) => {
+                    t.host_fixed += moe.gate.weight_bytes();
+                    t.moe_layers.push(crate::MoeLayerTraffic {
+                        layer: l,
+                        n_experts: self.cfg.num_experts,
+                        top_k: self.cfg.num_experts_per_tok,
+                        expert_bytes: moe.experts.expert_bytes(),
+                        on_host: true,
+                    });
+                }
+            }
+        }
+        t
+    }
+
     /// Loads every tensor the config implies from `src`, checking shapes.
     pub fn load(cfg: &Qwen3MoeConfig, src: &WeightSource, opts: &LoadOptions) -> Result<Self> {
         let (h, hd, nh, nkv) = (cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads);

@@ -5,8 +5,9 @@
 //! - [`cpu`]: the routed experts computed on the CPU ([`CpuExperts`]): repacked
 //!   into the kernel layout (bf16, f16, fp8, int4), split by rows over NUMA nodes,
 //!   run on the `lvllm_numa` worker pool;
-//! - placement (which layer's experts live on CPU, GPU, or are streamed) arrives
-//!   with the hybrid issue.
+//! - [`hybrid`] (feature `cuda`): the CPU↔GPU handoff of a hybrid MoE layer,
+//!   stream memory operations on flags in mapped pinned memory, capturable in
+//!   CUDA graphs.
 //!
 //! The MoE block does not own the gate projection's input handling or the
 //! residual: the model computes router logits, calls [`router::softmax_topk`], then
@@ -14,6 +15,8 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod hybrid;
 pub mod router;
 
 pub use cpu::{CpuExperts, ExpertMatrix, ExpertWeights, ExpertsOptions, MoeWeight};
@@ -38,6 +41,9 @@ pub enum Error {
     /// Forward inputs disagree with the layer.
     #[error("moe forward: {0}")]
     Input(String),
+    /// A GPU call of the hybrid handoff failed, or the GPU broke its protocol.
+    #[error("hybrid MoE handoff: {0}")]
+    Gpu(String),
     /// An error from a tensor operation.
     #[error(transparent)]
     Tensor(#[from] lvllm_tensor::Error),

@@ -1,4 +1,6 @@
-//! The `lvllm` binary: `lvllm generate` runs a model from the command line.
+//! The `lvllm` binary: `lvllm generate` runs a model from the command line,
+//! `lvllm bench` measures prefill and decode throughput against the
+//! bandwidth-bound limit.
 //!
 //! This is the only crate that turns command-line flags (and, with the serving
 //! issue, YAML files and environment variables) into the engine's typed config.
@@ -12,7 +14,8 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 use lvllm_engine::{
-    Binding, Device, Engine, Generation, MoeWeight, Prompt, SamplingParams, ThreadOptions, TokenLogprobs, Tokenizer,
+    BenchOptions, Binding, Device, Engine, Generation, LayerSet, LoadFormat, MoePlacement, MoeWeight, Prompt,
+    SamplingParams, ThreadOptions, TokenLogprobs, Tokenizer,
 };
 use serde_json::json;
 
@@ -27,6 +30,72 @@ struct Cli {
 enum Command {
     /// Generate a completion for one prompt and print it.
     Generate(GenerateArgs),
+    /// Measure prefill and decode tokens/s next to the bandwidth-bound limit.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct BenchArgs {
+    #[command(flatten)]
+    engine: EngineArgs,
+    /// Decode batch sizes, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    batch_sizes: Vec<usize>,
+    /// Prompt tokens per sequence before decoding.
+    #[arg(long, default_value_t = 64)]
+    input_len: usize,
+    /// Decode steps per batch size.
+    #[arg(long, default_value_t = 32)]
+    output_len: usize,
+    /// Single-sequence prefill lengths to time, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    prefill_lens: Vec<usize>,
+    /// MiB read by the CPU bandwidth probe (0 skips it).
+    #[arg(long, default_value_t = 1024)]
+    probe_mib: usize,
+}
+
+/// Flags that configure the engine (shared by `generate` and `bench`).
+#[derive(clap::Args, Debug)]
+struct EngineArgs {
+    /// Hugging Face model directory (default: the tiny model bundled in the binary).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Where weights come from: auto (the checkpoint) or dummy (random weights of
+    /// the config's shapes; CUDA device; the directory needs only config.json).
+    #[arg(long, default_value = "auto", value_parser = parse_load_format)]
+    load_format: LoadFormat,
+    /// Context limit in tokens (prompt + output).
+    #[arg(long)]
+    max_model_len: Option<usize>,
+    /// Where to run (default: cuda when this build has CUDA support and a driver is found, else cpu).
+    #[arg(long, value_enum)]
+    device: Option<DeviceArg>,
+    /// Where routed experts run on a CUDA device: auto (all in VRAM if the model
+    /// fits, else hybrid), hybrid (experts on the CPU) or gpu.
+    #[arg(long, default_value = "auto", value_parser = parse_placement)]
+    moe_placement: MoePlacement,
+    /// Decoder layers whose experts stay in VRAM in hybrid placement, e.g. `0-5` or `0,1,8-9`.
+    #[arg(long, default_value = "", value_parser = parse_layers)]
+    gpu_resident_moe_layers: LayerSet,
+    /// Runtime format of routed experts: to_dtype, keep or int4.
+    #[arg(long, default_value = "to_dtype", value_parser = parse_moe_weight)]
+    moe_weight: MoeWeight,
+    /// CPU worker threads for the experts (default: physical cores − 4, at least 1).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Pin expert workers per physical core or per NUMA node.
+    #[arg(long, value_enum, default_value_t = BindingArg::CpuCore)]
+    thread_binding: BindingArg,
+    /// Park idle expert workers at once instead of spinning.
+    #[arg(long)]
+    power_saving: bool,
+    /// Run CUDA decode steps eagerly instead of replaying captured CUDA graphs.
+    #[arg(long)]
+    enforce_eager: bool,
+    /// Fraction of GPU memory for weights and KV cache (CUDA device).
+    #[arg(long)]
+    gpu_memory_utilization: Option<f32>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,9 +116,8 @@ enum DeviceArg {
 
 #[derive(clap::Args, Debug)]
 struct GenerateArgs {
-    /// Hugging Face model directory (default: the tiny model bundled in the binary).
-    #[arg(long)]
-    model: Option<PathBuf>,
+    #[command(flatten)]
+    engine: EngineArgs,
     /// Prompt text.
     #[arg(long, conflicts_with = "prompt_ids", required_unless_present = "prompt_ids")]
     prompt: Option<String>,
@@ -98,30 +166,6 @@ struct GenerateArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     output: Output,
-    /// Context limit in tokens (prompt + output).
-    #[arg(long)]
-    max_model_len: Option<usize>,
-    /// Where to run (default: cuda when this build has CUDA support and a driver is found, else cpu).
-    #[arg(long, value_enum)]
-    device: Option<DeviceArg>,
-    /// Runtime format of routed experts: to_dtype, keep or int4.
-    #[arg(long, default_value = "to_dtype", value_parser = parse_moe_weight)]
-    moe_weight: MoeWeight,
-    /// CPU worker threads for the experts (default: physical cores − 4, at least 1).
-    #[arg(long)]
-    threads: Option<usize>,
-    /// Pin expert workers per physical core or per NUMA node.
-    #[arg(long, value_enum, default_value_t = BindingArg::CpuCore)]
-    thread_binding: BindingArg,
-    /// Park idle expert workers at once instead of spinning.
-    #[arg(long)]
-    power_saving: bool,
-    /// Run CUDA decode steps eagerly instead of replaying captured CUDA graphs.
-    #[arg(long)]
-    enforce_eager: bool,
-    /// Fraction of GPU memory for weights and KV cache (CUDA device).
-    #[arg(long)]
-    gpu_memory_utilization: Option<f32>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -136,10 +180,23 @@ fn parse_moe_weight(s: &str) -> Result<MoeWeight, String> {
     s.parse()
 }
 
+fn parse_placement(s: &str) -> Result<MoePlacement, String> {
+    s.parse()
+}
+
+fn parse_layers(s: &str) -> Result<LayerSet, String> {
+    s.parse()
+}
+
+fn parse_load_format(s: &str) -> Result<LoadFormat, String> {
+    s.parse()
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate(args),
+        Command::Bench(args) => bench(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -150,7 +207,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+fn build_engine(args: &EngineArgs) -> anyhow::Result<Engine> {
     let threads = ThreadOptions {
         count: args.threads,
         binding: match args.thread_binding {
@@ -168,6 +225,9 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         })
         .threads(threads)
         .moe_weight(args.moe_weight)
+        .moe_placement(args.moe_placement)
+        .gpu_resident_moe_layers(args.gpu_resident_moe_layers.clone())
+        .load_format(args.load_format)
         .enforce_eager(args.enforce_eager);
     builder = match &args.model {
         Some(dir) => builder.model(dir),
@@ -182,7 +242,24 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     if let Some(dir) = kernel_cache_dir() {
         builder = builder.kernel_cache_dir(dir);
     }
-    let engine = builder.build().context("loading the model")?;
+    builder.build().context("loading the model")
+}
+
+fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    let engine = build_engine(&args.engine)?;
+    let opts = BenchOptions {
+        batch_sizes: args.batch_sizes,
+        input_len: args.input_len,
+        output_len: args.output_len,
+        prefill_lens: args.prefill_lens,
+        probe_bytes: args.probe_mib << 20,
+    };
+    print!("{}", engine.bench(&opts)?);
+    Ok(())
+}
+
+fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    let engine = build_engine(&args.engine)?;
 
     let prompt = match (&args.prompt, &args.prompt_ids) {
         (Some(text), _) if args.chat => {

@@ -101,6 +101,15 @@ fn bad_input_is_a_clear_error() {
         (&["generate", "--chat", "--prompt", "a", "--chat-template-kwargs", "nope"], "JSON object"),
         (&["generate", "--prompt", "a", "--max-model-len", "999999"], "max_position_embeddings"),
         (&["serve"], "unrecognized subcommand"),
+        (&["generate", "--prompt", "a", "--moe-placement", "cpu"], "auto, hybrid or gpu"),
+        (&["generate", "--prompt", "a", "--moe-placement", "hybrid", "--device", "cpu"], "needs a CUDA device"),
+        (&["generate", "--prompt", "a", "--gpu-resident-moe-layers", "5-2"], "runs backwards"),
+        (&["generate", "--prompt", "a", "--gpu-resident-moe-layers", "0,x"], "not a layer index"),
+        (&["generate", "--prompt", "a", "--device", "cpu", "--gpu-resident-moe-layers", "0"], "needs a CUDA device"),
+        (&["generate", "--prompt", "a", "--device", "cpu", "--load-format", "dummy"], "CUDA device only"),
+        (&["generate", "--prompt", "a", "--load-format", "pickle"], "unknown load format"),
+        (&["bench", "--device", "cpu", "--batch-sizes", "0"], "at least 1"),
+        (&["bench", "--device", "cpu", "--input-len", "100000"], "max_model_len"),
     ];
     for (args, needle) in cases {
         let o = lvllm(args);
@@ -116,4 +125,41 @@ fn moe_weight_int4_runs() {
     let o =
         lvllm(&["generate", "--prompt", "7 plus 5 is", "--max-tokens", "4", "--moe-weight", "int4", "--threads", "1"]);
     assert!(o.status.success(), "{}", stderr(&o));
+}
+
+/// `lvllm bench` on the bundled model (CPU): a decode row per batch size with the
+/// bandwidth-bound limit and ratio, and prefill rows.
+#[test]
+fn bench_prints_decode_rows_with_the_bound() {
+    let o = lvllm(&[
+        "bench",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--batch-sizes",
+        "1,2",
+        "--input-len",
+        "8",
+        "--output-len",
+        "4",
+        "--prefill-lens",
+        "16",
+        "--probe-mib",
+        "16",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8(o.stdout).unwrap();
+    assert!(text.contains("CPU bandwidth") && text.contains("GB/s"), "{text}");
+    let rows: Vec<&str> = text.lines().filter(|l| l.starts_with("| 1 |") || l.starts_with("| 2 |")).collect();
+    assert_eq!(rows.len(), 2, "{text}");
+    for r in rows {
+        // | batch | tok/s | ms/step | host GB | device GB | bound | ratio | ...
+        let cols: Vec<&str> = r.split('|').map(str::trim).collect();
+        let tps: f64 = cols[2].parse().unwrap();
+        let bound: f64 = cols[6].parse().unwrap();
+        assert!(tps > 0.0 && bound > 0.0, "{r}");
+        assert!(cols[7].ends_with('%'), "{r}");
+    }
+    assert!(text.contains("# prefill 16 tokens"), "{text}");
 }
