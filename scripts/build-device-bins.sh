@@ -4,8 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .gpu-carry
-cargo build --release -p lvllm-moe --example moe_layer_bench -p lvllm-numa --example bandwidth
-cp target/release/examples/moe_layer_bench target/release/examples/bandwidth .gpu-carry/
+cargo build --release -p lvllm-moe --example moe_layer_bench --example moe_pipeline_bench -p lvllm-numa --example bandwidth
+cp target/release/examples/moe_layer_bench target/release/examples/moe_pipeline_bench target/release/examples/bandwidth .gpu-carry/
 pool=$(cargo bench -p lvllm-numa --bench pool --no-run 2>&1 | sed -n 's/.*Executable .*(\(.*\)).*/\1/p' | tail -1)
 cp "$pool" .gpu-carry/pool_bench
 kern=$(cargo bench -p lvllm-kernels-cpu --bench kernels --no-run 2>&1 | sed -n 's/.*Executable .*(\(.*\)).*/\1/p' | tail -1)

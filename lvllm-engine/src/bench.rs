@@ -88,16 +88,26 @@ pub struct PrefillRow {
     pub secs: f64,
 }
 
-/// The handoff measured alone.
+/// The handoff measured alone: µs per layer it adds, with the host answering
+/// at once or after a simulated expert computation, for each way to signal.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct HandoffFigure {
-    /// µs per layer it adds inside a captured CUDA graph.
+    /// Kernel-polled flags (the engine's choice), inside a captured CUDA graph.
     pub graph_us: f64,
-    /// µs per layer it adds when launched eagerly.
+    /// The same, launched eagerly.
     pub eager_us: f64,
-    /// µs per layer of the baseline (one tiny kernel per layer).
+    /// Kernel-polled flags in a graph, the host answering after [`HANDOFF_CPU_US`].
+    pub graph_after_cpu_us: f64,
+    /// Stream memory operations in a graph.
+    pub memops_us: f64,
+    /// Stream memory operations in a graph, the host answering after [`HANDOFF_CPU_US`].
+    pub memops_after_cpu_us: f64,
+    /// µs per layer of the baseline (the router and add+norm kernels per layer).
     pub base_us: f64,
 }
+
+/// The simulated expert time (µs) of the handoff figures "after a CPU task".
+pub const HANDOFF_CPU_US: u64 = 500;
 
 /// What [`Engine::bench`] measured.
 #[derive(Debug, Clone, PartialEq)]
@@ -133,6 +143,11 @@ impl fmt::Display for BenchReport {
                 f,
                 "# handoff alone (empty CPU work): {:.1} µs/layer in a CUDA graph, {:.1} µs/layer eager (baseline {:.1} µs/layer)",
                 h.graph_us, h.eager_us, h.base_us
+            )?;
+            writeln!(
+                f,
+                "# handoff after a {HANDOFF_CPU_US} µs CPU task, in a graph: {:.1} µs/layer with kernel-polled flags (used), {:.1} with stream memory ops ({:.1} when the host answers at once)",
+                h.graph_after_cpu_us, h.memops_after_cpu_us, h.memops_us
             )?;
         }
         if !self.decode.is_empty() {
@@ -371,15 +386,19 @@ fn gpu_figures(backend: &Backend, cpu_moe_layers: usize) -> Result<(Option<f64>,
                 |e: lvllm_kernels_cuda::Error| Error::Device { device: crate::Device::Cuda(0), msg: e.to_string() };
             let bw = g.measure_bandwidth(1 << 30, 5).map_err(dev)?;
             let handoff = if cpu_moe_layers > 0 && m.handoff_mode().is_some_and(|s| s.starts_with("mapped")) {
+                use lvllm_moe::hybrid::{measure_handoff, Signal};
                 let shape = m.handoff_shape();
-                let probe = |graph| {
-                    lvllm_moe::hybrid::measure_handoff(g, shape, cpu_moe_layers, 20, graph)
+                let probe = |graph, signal, cpu_us| {
+                    measure_handoff(g, shape, cpu_moe_layers, (20, graph), signal, cpu_us)
                         .map_err(|e| Error::Inference(lvllm_models::Error::Moe(e)))
                 };
-                let (graph, eager) = (probe(true)?, probe(false)?);
+                let graph = probe(true, Signal::Kernels, 0)?;
                 Some(HandoffFigure {
                     graph_us: graph.handoff_us(),
-                    eager_us: eager.handoff_us(),
+                    eager_us: probe(false, Signal::Kernels, 0)?.handoff_us(),
+                    graph_after_cpu_us: probe(true, Signal::Kernels, HANDOFF_CPU_US)?.handoff_us(),
+                    memops_us: probe(true, Signal::StreamMemOps, 0)?.handoff_us(),
+                    memops_after_cpu_us: probe(true, Signal::StreamMemOps, HANDOFF_CPU_US)?.handoff_us(),
                     base_us: graph.base_us,
                 })
             } else {

@@ -42,9 +42,56 @@ const KERNELS: &[&str] = &[
     "gemv_bf16",
     "moe_gemv_bf16",
     "moe_combine_add",
-    "router_topk_handoff",
-    "add_from_host",
+    "gemv3_bf16",
+    "qk_norm_rope_kv",
+    "add_rmsnorm",
+    "gemv_add_rmsnorm",
+    "router_fused",
+    "gemv_bf16_t1",
+    "gemv3_bf16_t1",
+    "gemv_add_rmsnorm_t1",
+    "router_fused_t1",
 ];
+
+/// The kernel `name`, or its one-row specialisation (`name_t1`, fewer registers,
+/// more loads in flight; same arithmetic) when `t == 1`.
+fn rows_variant(name: &'static str, t: usize) -> &'static str {
+    match (name, t) {
+        ("gemv_bf16", 1) => "gemv_bf16_t1",
+        ("gemv3_bf16", 1) => "gemv3_bf16_t1",
+        ("gemv_add_rmsnorm", 1) => "gemv_add_rmsnorm_t1",
+        ("router_fused", 1) => "router_fused_t1",
+        _ => name,
+    }
+}
+
+/// Where [`Gpu::router_fused`] hands a hybrid MoE layer's inputs to the host
+/// (mapped addresses).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RouterHandoff {
+    /// Destination of the hidden states (`t × h` f32).
+    pub hidden: u64,
+    /// The u32 "done" flag, cleared.
+    pub done: u64,
+    /// The u32 token count, set.
+    pub n_tokens: u64,
+    /// The doorbell word and the tag the kernel rings it with when done (`None`:
+    /// a stream memory write after the kernel rings it).
+    pub doorbell: Option<(u64, u32)>,
+}
+
+/// Most experts the router kernels take (`32 × TOPK_PER_LANE` in kernels.cu).
+pub const ROUTER_MAX_EXPERTS: usize = 512;
+
+/// Checks a router's shape against what the warp top-k kernel takes.
+fn check_router(n_experts: usize, k: usize) -> Result<()> {
+    if n_experts > ROUTER_MAX_EXPERTS || k > 32 || k > n_experts || k == 0 {
+        return Err(Error::Args(format!(
+            "top-{k} of {n_experts} experts (the router kernels take 1 ≤ k ≤ 32 of at most {ROUTER_MAX_EXPERTS})"
+        )));
+    }
+    Ok(())
+}
 
 /// Most rows (tokens) the GEMV kernels take at once (`GEMV_MAX_T` in kernels.cu).
 pub const GEMV_MAX_T: usize = 16;
@@ -61,6 +108,10 @@ pub struct Gpu {
     funcs: HashMap<&'static str, CudaFunction>,
     name: String,
     arch: (i32, i32),
+    /// The grid-completion counter of the fused kernels that finish with their
+    /// grid's last block (zero between launches; kernels on one stream never
+    /// overlap, so one serves them all).
+    counter: DevBuf<u32>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -100,7 +151,8 @@ impl Gpu {
         for &k in KERNELS {
             funcs.insert(k, module.load_function(k).map_err(drv)?);
         }
-        Ok(Gpu { ctx, stream, blas, funcs, name, arch })
+        let counter = stream.alloc_zeros::<u32>(1).map_err(drv)?;
+        Ok(Gpu { ctx, stream, blas, funcs, name, arch, counter })
     }
 
     /// The device's name.
@@ -352,9 +404,10 @@ impl Gpu {
         ids: u64,
         weights: u64,
     ) -> Result<()> {
+        check_router(n_experts, k)?;
         self.launch(
             "router_topk",
-            grid1(tokens, 64),
+            rows(tokens, 32),
             &[&logits, &(tokens as i32), &(n_experts as i32), &(k as i32), &(renormalize as i32), &ids, &weights],
         )
     }
@@ -409,7 +462,7 @@ impl Gpu {
             return Err(Error::Args(format!("gemv of {t} rows > {GEMV_MAX_T}")));
         }
         let cfg = LaunchConfig { grid_dim: (n.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        self.launch("gemv_bf16", cfg, &[&x, &w, &y, &(t as i32), &(n as i32), &(k as i32)])
+        self.launch(rows_variant("gemv_bf16", t), cfg, &[&x, &w, &y, &(t as i32), &(n as i32), &(k as i32)])
     }
 
     /// Routed expert rows: `y[s, n] = Σ_k x[row(s), k] · w[ids[s], n, k]` with
@@ -522,45 +575,176 @@ impl Gpu {
         }
     }
 
-    /// The GPU half of a hybrid-MoE handoff's data, fused with the router's
-    /// softmax top-k: routes `n` tokens from `logits` (`n × n_experts`) into the
-    /// mapped `dst_ids`/`dst_w` (`n × k`), copies `n` rows of `a` (`h` f32) to the
-    /// mapped `dst_h`, sets `*done = 0` and `*n_out = n`.
+    /// [`Gpu::gemv_bf16`] over up to three matrices sharing `x` in one launch:
+    /// `y_i[t, :] = x[t, :] · w_iᵀ` for each `(w_i, y_i, n_i)` (`n_i = 0` skips one).
     ///
     /// # Safety
-    /// Sources and destinations hold the values named; `done` and `n_out` are
-    /// mapped u32 words.
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn router_topk_handoff(
-        &self,
-        logits: u64,
-        a: u64,
-        (n, n_experts, k, renormalize): (usize, usize, usize, bool),
-        h: usize,
-        dst: [u64; 3],
-        done: u64,
-        n_out: u64,
-    ) -> Result<()> {
-        if k > 32 || k > n_experts {
-            return Err(Error::Args(format!("top-{k} of {n_experts} experts (at most 32)")));
+    /// `x`: `t × k` f32; each `w_i`: `n_i × k` bf16, `y_i`: `t × n_i` f32.
+    pub unsafe fn gemv3_bf16(&self, x: u64, t: usize, k: usize, mats: [(u64, u64, usize); 3]) -> Result<()> {
+        if t > GEMV_MAX_T {
+            return Err(Error::Args(format!("gemv of {t} rows > {GEMV_MAX_T}")));
         }
-        let blocks = (n * h).div_ceil(256).clamp(1, 64);
-        let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        let (n, e, k, r, h) = (n as i32, n_experts as i32, k as i32, renormalize as i32, h as i32);
+        let rows_total: usize = mats.iter().map(|m| m.2).sum();
+        let cfg = LaunchConfig {
+            grid_dim: (rows_total.div_ceil(8).max(1) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let [(w0, y0, n0), (w1, y1, n1), (w2, y2, n2)] = mats;
+        let (n0, n1, n2) = (n0 as i32, n1 as i32, n2 as i32);
         self.launch(
-            "router_topk_handoff",
+            rows_variant("gemv3_bf16", t),
             cfg,
-            &[&logits, &a, &n, &e, &k, &r, &h, &dst[0], &dst[1], &dst[2], &done, &n_out],
+            &[&x, &(t as i32), &(k as i32), &w0, &y0, &n0, &w1, &y1, &n1, &w2, &y2, &n2],
         )
     }
 
-    /// `x += y` for `n` values where `y` is mapped host memory the CPU rewrites
-    /// between steps (read uncached).
+    /// Decode's attention prologue in one launch: RMSNorm (`q_norm`, `k_norm`)
+    /// and NeoX RoPE of the q and k heads in place, then k and v written to the
+    /// paged cache at `slots` (rmsnorm + rope_neox + kv_write).
     ///
     /// # Safety
-    /// `x`: `n` f32 on the device, `y`: `n` f32 mapped.
-    pub unsafe fn add_from_host(&self, x: u64, y: u64, n: usize) -> Result<()> {
-        self.launch("add_from_host", grid1(n, 256), &[&x, &y, &(n as i64)])
+    /// `q`: `tokens × n_heads × dim`, `k`/`v`: `tokens × n_kv × dim` f32;
+    /// `qw`/`kw`: `dim`; `positions`/`slots`: `tokens` i32 with slots inside
+    /// `kc`/`vc` (`slots × n_kv × dim`); `inv_freq`: `dim / 2`.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn qk_norm_rope_kv(
+        &self,
+        (q, k, v): (u64, u64, u64),
+        (qw, kw): (u64, u64),
+        (positions, inv_freq, scaling): (u64, u64, f32),
+        (kc, vc, slots): (u64, u64, u64),
+        tokens: usize,
+        (n_heads, n_kv, dim): (usize, usize, usize),
+        eps: f32,
+    ) -> Result<()> {
+        if dim > 256 || dim % 2 == 1 {
+            return Err(Error::Args(format!("head_dim {dim} (even, at most 256)")));
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (tokens.max(1) as u32, (n_heads + 2 * n_kv) as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (nh, nkv, d) = (n_heads as i32, n_kv as i32, dim as i32);
+        self.launch(
+            "qk_norm_rope_kv",
+            cfg,
+            &[&q, &k, &v, &qw, &kw, &positions, &inv_freq, &scaling, &kc, &vc, &slots, &nh, &nkv, &d, &eps],
+        )
+    }
+
+    /// `x += y; out = RMSNorm(x) · w` per row of `width` (add_inplace then
+    /// rmsnorm in one launch). `y_mapped`: `y` is mapped host memory the CPU
+    /// rewrites between steps (read uncached). `wait = Some((flag, value))`: the
+    /// kernel first spins until the mapped u32 at `flag` equals `value` (how a
+    /// hybrid handoff's GPU side waits for the host inside a kernel).
+    ///
+    /// # Safety
+    /// `x`, `y`, `out`: `n_rows × width` f32 (`y` mapped when `y_mapped`); `w`:
+    /// `width`; `flag` a live mapped word that the host will set to `value`
+    /// (the kernel traps after a minute otherwise).
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn add_rmsnorm(
+        &self,
+        x: u64,
+        y: u64,
+        y_mapped: bool,
+        w: u64,
+        out: u64,
+        n_rows: usize,
+        width: usize,
+        eps: f32,
+        wait: Option<(u64, u32)>,
+    ) -> Result<()> {
+        let (flag, value) = wait.unwrap_or((0, 0));
+        self.launch(
+            "add_rmsnorm",
+            rows(n_rows, 256),
+            &[&x, &y, &(y_mapped as i32), &w, &out, &(width as i32), &eps, &flag, &value],
+        )
+    }
+
+    /// `y = x · woᵀ` (as [`Gpu::gemv_bf16`]), then `res += y; out = RMSNorm(res) · nw`
+    /// per row, in one launch (o_proj, the residual add and the next norm).
+    ///
+    /// # Safety
+    /// `x`: `t × k` f32; `wo`: `n × k` bf16; `y`, `res`, `out`: `t × n` f32; `nw`: `n`.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn gemv_add_rmsnorm(
+        &self,
+        (x, wo, y): (u64, u64, u64),
+        (t, n, k): (usize, usize, usize),
+        res: u64,
+        nw: u64,
+        out: u64,
+        eps: f32,
+    ) -> Result<()> {
+        if t > GEMV_MAX_T {
+            return Err(Error::Args(format!("gemv of {t} rows > {GEMV_MAX_T}")));
+        }
+        let cfg =
+            LaunchConfig { grid_dim: (n.div_ceil(8).max(1) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let c = self.ptr(&self.counter);
+        let name = rows_variant("gemv_add_rmsnorm", t);
+        let (t, n, k) = (t as i32, n as i32, k as i32);
+        self.launch(name, cfg, &[&x, &wo, &y, &t, &n, &k, &res, &nw, &out, &eps, &c])
+    }
+
+    /// Router logits `a · wrᵀ` into `logits` (`t × n_experts`) and their softmax
+    /// top-k into `ids`/`weights` (`t × k`), in one launch. With a
+    /// [`RouterHandoff`] it also copies `a` (`t × h`) to its `hidden`, sets
+    /// `*done = 0`, `*n_tokens = t` and, with a doorbell, rings it last (the GPU
+    /// half of a hybrid MoE handoff).
+    ///
+    /// # Safety
+    /// `a`: `t × h` f32; `wr`: `n_experts × h` bf16; the destinations hold the
+    /// sizes named (mapped or device memory); `done`/`n_out` are u32 words.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn router_fused(
+        &self,
+        (a, wr, logits): (u64, u64, u64),
+        (t, n_experts, k, renormalize): (usize, usize, usize, bool),
+        h: usize,
+        (ids, weights): (u64, u64),
+        handoff: Option<RouterHandoff>,
+    ) -> Result<()> {
+        check_router(n_experts, k)?;
+        if t > GEMV_MAX_T {
+            return Err(Error::Args(format!("router of {t} rows > {GEMV_MAX_T}")));
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (n_experts.div_ceil(8) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let hf = handoff.unwrap_or_default();
+        let (bell, tag) = hf.doorbell.unwrap_or((0, 0));
+        let c = self.ptr(&self.counter);
+        let name = rows_variant("router_fused", t);
+        let (t, e, k, r, h) = (t as i32, n_experts as i32, k as i32, renormalize as i32, h as i32);
+        self.launch(
+            name,
+            cfg,
+            &[
+                &a,
+                &wr,
+                &logits,
+                &t,
+                &e,
+                &k,
+                &r,
+                &h,
+                &ids,
+                &weights,
+                &hf.hidden,
+                &hf.done,
+                &hf.n_tokens,
+                &c,
+                &bell,
+                &tag,
+            ],
+        )
     }
 
     /// Starts capturing this GPU's stream into a CUDA graph.

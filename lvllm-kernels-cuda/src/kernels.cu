@@ -166,36 +166,73 @@ extern "C" __global__ void paged_attention(const float* q, const float* kc, cons
     }
 }
 
-// Softmax top-k routing per token: one thread per token.
+// Most experts a router kernel takes: TOPK_PER_LANE per lane of one warp.
+#define TOPK_PER_LANE 16
+
+// Softmax top-k of one token's logits by one warp (n_experts ≤ 32·TOPK_PER_LANE,
+// k ≤ 32): lane l holds experts l, l + 32, ...; each of the k rounds takes the
+// largest remaining logit (ties: the lower expert index first) by a warp
+// reduction. Lane 0..k-1 write ids[j] and weights[j] (softmax probability,
+// renormalised over the k when asked).
+__device__ __forceinline__ void warp_topk(const float* lg, int n_experts, int k, int renormalize, int* ids,
+                                          float* weights) {
+    const int lane = threadIdx.x & 31;
+    float v[TOPK_PER_LANE];
+    float mx = -LV_INF;
+#pragma unroll
+    for (int j = 0; j < TOPK_PER_LANE; j++) {
+        const int e = lane + 32 * j;
+        v[j] = e < n_experts ? __ldcg(lg + e) : -LV_INF;
+        mx = fmaxf(mx, v[j]);
+    }
+    mx = warp_max(mx);
+    float z = 0.f;
+#pragma unroll
+    for (int j = 0; j < TOPK_PER_LANE; j++)
+        if (lane + 32 * j < n_experts) z += expf(v[j] - mx);
+    z = warp_sum(z);
+    unsigned taken = 0u;
+    float sum = 0.f, my_p = 0.f;
+    int my_id = 0;
+    for (int r = 0; r < k; r++) {
+        float bv = -LV_INF;
+        int be = 0x7fffffff;
+#pragma unroll
+        for (int j = 0; j < TOPK_PER_LANE; j++) {
+            const int e = lane + 32 * j;
+            if (e < n_experts && !((taken >> j) & 1u) && (be == 0x7fffffff || v[j] > bv)) {
+                bv = v[j];
+                be = e;
+            }
+        }
+        for (int o = 16; o > 0; o >>= 1) {
+            const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+            const int oe = __shfl_xor_sync(0xffffffffu, be, o);
+            if (oe != 0x7fffffff && (be == 0x7fffffff || ov > bv || (ov == bv && oe < be))) {
+                bv = ov;
+                be = oe;
+            }
+        }
+        if ((be & 31) == lane) taken |= 1u << (be >> 5);
+        const float p = expf(bv - mx) / z;
+        sum += p;
+        if (lane == r) {
+            my_p = p;
+            my_id = be;
+        }
+    }
+    if (lane < k) {
+        ids[lane] = my_id;
+        weights[lane] = renormalize ? my_p / sum : my_p;
+    }
+}
+
+// Softmax top-k routing per token.  grid: tokens, block: 32 (one warp per token)
 extern "C" __global__ void router_topk(const float* logits, int n_tokens, int n_experts, int k, int renormalize,
                                        int* ids, float* weights) {
-    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    const int t = blockIdx.x;
     if (t >= n_tokens) return;
-    const float* lg = logits + (size_t)t * n_experts;
-    float mx = -LV_INF;
-    for (int e = 0; e < n_experts; e++) mx = fmaxf(mx, lg[e]);
-    float z = 0.f;
-    for (int e = 0; e < n_experts; e++) z += expf(lg[e] - mx);
-    float sum = 0.f;
-    int prev = -1;
-    float prev_v = LV_INF;
-    for (int j = 0; j < k; j++) {
-        // Next largest after (prev_v, prev): ties keep the lower index first.
-        int best = -1;
-        float bv = -LV_INF;
-        for (int e = 0; e < n_experts; e++) {
-            const float v = lg[e];
-            const bool after = v < prev_v || (v == prev_v && e > prev);
-            if (after && (best < 0 || v > bv)) { best = e; bv = v; }
-        }
-        ids[t * k + j] = best;
-        const float p = expf(bv - mx) / z;
-        weights[t * k + j] = p;
-        sum += p;
-        prev = best;
-        prev_v = bv;
-    }
-    if (renormalize) for (int j = 0; j < k; j++) weights[t * k + j] /= sum;
+    warp_topk(logits + (size_t)t * n_experts, n_experts, k, renormalize, ids + t * k, weights + t * k);
 }
 
 // out[r, :] = x[idx[r], :]   grid: rows
@@ -241,9 +278,8 @@ extern "C" __global__ void sum_halves(const float* y2, float* y, long long n) {
 
 #define GEMV_MAX_T 16
 
-// Loads 8 bf16 weights (16 bytes) as f32.
-__device__ __forceinline__ void load8(const bf16_t* p, float* w) {
-    const uint4 v = *reinterpret_cast<const uint4*>(p);
+// 8 bf16 weights (16 bytes, already loaded) as f32.
+__device__ __forceinline__ void unpack8(const uint4 v, float* w) {
     const unsigned u[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
     for (int i = 0; i < 4; i++) {
@@ -252,10 +288,11 @@ __device__ __forceinline__ void load8(const bf16_t* p, float* w) {
     }
 }
 
-// acc[t] += x[t, k0..k0+8] · w[0..8] for rows t < T.
+// acc[t] += x[t, k0..k0+8] · w[0..8] for rows t < T (≤ TM).
+template <int TM>
 __device__ __forceinline__ void fma8_rows(const float* x, long long x_stride, int k0, const float* w, float* acc, int T) {
 #pragma unroll
-    for (int t = 0; t < GEMV_MAX_T; t++) {
+    for (int t = 0; t < TM; t++) {
         if (t < T) {
             const float* xr = x + t * x_stride + k0;
             const float4 a = *reinterpret_cast<const float4*>(xr);
@@ -265,51 +302,68 @@ __device__ __forceinline__ void fma8_rows(const float* x, long long x_stride, in
     }
 }
 
-// One warp computes y[r, n] = Σ_k x[r, k] · w[n, k] for rows r < T of x
+// One warp computes y[r, n] = Σ_k x[r, k] · w[n, k] for rows r < T (≤ TM) of x
 // (x rows `x_stride` apart). f32 activations, bf16 weights, f32 accumulation.
+// TM is the kernel's compile-time row bound: TM = 1 (decode of one sequence)
+// needs few registers, so its kernels fit more warps and load eight chunks ahead.
+template <int TM>
 __device__ __forceinline__ void warp_gemv_row(const float* x, long long x_stride, const bf16_t* wr, float* acc, int T, int K) {
     const int lane = threadIdx.x & 31;
+    constexpr int U = TM == 1 ? 8 : 4;
     if ((K & 7) == 0) {
-        // Four 16-byte weight loads are issued before any is used, so each lane
+        // U 16-byte weight loads are issued before any is used, so each lane
         // keeps several requests in flight (a single load per iteration leaves
         // the loop latency bound, far below the memory bandwidth). The sums are
-        // accumulated chunk by chunk in the same order as one chunk at a time.
+        // accumulated chunk by chunk in k order whatever U is, so every TM gives
+        // the same bits. (Eight loads ahead with TM = 16 measured slower on the
+        // H200: fewer warps fit.)
         int k0 = lane * 8;
-        for (; k0 + 768 < K; k0 += 1024) {
-            float w[4][8];
+        for (; k0 + (U - 1) * 256 < K; k0 += U * 256) {
+            uint4 raw[U];
 #pragma unroll
-            for (int u = 0; u < 4; u++) load8(wr + k0 + u * 256, w[u]);
+            for (int u = 0; u < U; u++) raw[u] = *reinterpret_cast<const uint4*>(wr + k0 + u * 256);
 #pragma unroll
-            for (int u = 0; u < 4; u++) fma8_rows(x, x_stride, k0 + u * 256, w[u], acc, T);
+            for (int u = 0; u < U; u++) {
+                float w[8];
+                unpack8(raw[u], w);
+                fma8_rows<TM>(x, x_stride, k0 + u * 256, w, acc, T);
+            }
         }
         for (; k0 < K; k0 += 256) {
             float w[8];
-            load8(wr + k0, w);
-            fma8_rows(x, x_stride, k0, w, acc, T);
+            unpack8(*reinterpret_cast<const uint4*>(wr + k0), w);
+            fma8_rows<TM>(x, x_stride, k0, w, acc, T);
         }
     } else {
         for (int k = lane; k < K; k += 32) {
             const float wk = bf2f(wr[k]);
 #pragma unroll
-            for (int t = 0; t < GEMV_MAX_T; t++)
+            for (int t = 0; t < TM; t++)
                 if (t < T) acc[t] += x[t * x_stride + k] * wk;
         }
     }
 #pragma unroll
-    for (int t = 0; t < GEMV_MAX_T; t++)
+    for (int t = 0; t < TM; t++)
         if (t < T) acc[t] = warp_sum(acc[t]);
 }
 
-// y[t, n] = Σ_k x[t, k] · w[n, k] for T ≤ 16 tokens.  grid: ⌈N/8⌉, block: 256 (a warp per row)
-extern "C" __global__ void gemv_bf16(const float* x, const bf16_t* w, float* y, int T, int N, int K) {
+// y[t, n] = Σ_k x[t, k] · w[n, k] for T ≤ TM tokens.  grid: ⌈N/8⌉, block: 256 (a warp per row)
+template <int TM>
+__device__ __forceinline__ void gemv_body(const float* x, const bf16_t* w, float* y, int T, int N, int K) {
     const int n = blockIdx.x * 8 + (threadIdx.x >> 5);
     if (n >= N) return;
-    float acc[GEMV_MAX_T];
+    float acc[TM];
 #pragma unroll
-    for (int t = 0; t < GEMV_MAX_T; t++) acc[t] = 0.f;
-    warp_gemv_row(x, K, w + (size_t)n * K, acc, T, K);
+    for (int t = 0; t < TM; t++) acc[t] = 0.f;
+    warp_gemv_row<TM>(x, K, w + (size_t)n * K, acc, T, K);
     if ((threadIdx.x & 31) == 0)
         for (int t = 0; t < T; t++) y[(size_t)t * N + n] = acc[t];
+}
+extern "C" __global__ void gemv_bf16(const float* x, const bf16_t* w, float* y, int T, int N, int K) {
+    gemv_body<GEMV_MAX_T>(x, w, y, T, N, K);
+}
+extern "C" __global__ void gemv_bf16_t1(const float* x, const bf16_t* w, float* y, int T, int N, int K) {
+    gemv_body<1>(x, w, y, T, N, K);
 }
 
 // Routed expert rows: for slot s (token s / topk, expert ids[s]),
@@ -320,9 +374,8 @@ extern "C" __global__ void moe_gemv_bf16(const float* x, const bf16_t* w, const 
     const int n = blockIdx.x * 8 + (threadIdx.x >> 5), s = blockIdx.y;
     if (n >= N) return;
     const int row = x_per_slot ? s : s / topk;
-    float acc[GEMV_MAX_T];
-    acc[0] = 0.f;
-    warp_gemv_row(x + (size_t)row * K, K, w + ((size_t)ids[s] * N + n) * K, acc, 1, K);
+    float acc[1] = {0.f};
+    warp_gemv_row<1>(x + (size_t)row * K, K, w + ((size_t)ids[s] * N + n) * K, acc, 1, K);
     if ((threadIdx.x & 31) == 0) y[(size_t)s * N + n] = acc[0];
 }
 
@@ -336,57 +389,260 @@ extern "C" __global__ void moe_combine_add(const float* y, const float* wts, flo
     }
 }
 
-// Hybrid MoE handoff, GPU side, fused with the router's softmax top-k: copies
-// the normed hidden states `a` into the mapped host region, writes each token's
-// top-k ids and weights there (thread t < n_tokens routes token t; k ≤ 32),
-// clears the layer's done flag and records n_tokens, so the stream-ordered
-// doorbell write that follows publishes all of it at once.
-extern "C" __global__ void router_topk_handoff(const float* logits, const float* a, int n_tokens, int n_experts, int k,
-                                               int renormalize, int h, int* dst_ids, float* dst_w, float* dst_h,
-                                               volatile unsigned* done, unsigned* n_out) {
-    const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long i = tid; i < (long long)n_tokens * h; i += stride) dst_h[i] = a[i];
-    if (tid < n_tokens) {
-        const int t = (int)tid;
-        const float* lg = logits + (size_t)t * n_experts;
-        float mx = -LV_INF;
-        for (int e = 0; e < n_experts; e++) mx = fmaxf(mx, lg[e]);
-        float z = 0.f;
-        for (int e = 0; e < n_experts; e++) z += expf(lg[e] - mx);
-        int ids[32];
-        float ws[32];
-        float sum = 0.f;
-        int prev = -1;
-        float prev_v = LV_INF;
-        for (int j = 0; j < k; j++) {
-            int best = -1;
-            float bv = -LV_INF;
-            for (int e = 0; e < n_experts; e++) {
-                const float v = lg[e];
-                const bool after = v < prev_v || (v == prev_v && e > prev);
-                if (after && (best < 0 || v > bv)) { best = e; bv = v; }
-            }
-            ids[j] = best;
-            ws[j] = expf(bv - mx) / z;
-            sum += ws[j];
-            prev = best;
-            prev_v = bv;
-        }
-        for (int j = 0; j < k; j++) {
-            dst_ids[t * k + j] = ids[j];
-            dst_w[t * k + j] = renormalize ? ws[j] / sum : ws[j];
+// gemv_bf16 for up to three matrices sharing the input x (e.g. q, k and v): the
+// grid's warps cover the rows of w0, then w1, then w2.  grid: ⌈(n0+n1+n2)/8⌉, block: 256
+template <int TM>
+__device__ __forceinline__ void gemv3_body(const float* x, int T, int K, const bf16_t* w0, float* y0, int n0,
+                                           const bf16_t* w1, float* y1, int n1, const bf16_t* w2, float* y2, int n2) {
+    int n = blockIdx.x * 8 + (threadIdx.x >> 5);
+    const bf16_t* w = w0;
+    float* y = y0;
+    int N = n0;
+    if (n >= n0) {
+        n -= n0;
+        w = w1;
+        y = y1;
+        N = n1;
+        if (n >= n1) {
+            n -= n1;
+            w = w2;
+            y = y2;
+            N = n2;
+            if (n >= n2) return;
         }
     }
-    if (tid == 0) {
-        *done = 0u;
-        *n_out = (unsigned)n_tokens;
+    float acc[TM];
+#pragma unroll
+    for (int t = 0; t < TM; t++) acc[t] = 0.f;
+    warp_gemv_row<TM>(x, K, w + (size_t)n * K, acc, T, K);
+    if ((threadIdx.x & 31) == 0)
+        for (int t = 0; t < T; t++) y[(size_t)t * N + n] = acc[t];
+}
+extern "C" __global__ void gemv3_bf16(const float* x, int T, int K, const bf16_t* w0, float* y0, int n0, const bf16_t* w1,
+                                      float* y1, int n1, const bf16_t* w2, float* y2, int n2) {
+    gemv3_body<GEMV_MAX_T>(x, T, K, w0, y0, n0, w1, y1, n1, w2, y2, n2);
+}
+extern "C" __global__ void gemv3_bf16_t1(const float* x, int T, int K, const bf16_t* w0, float* y0, int n0,
+                                         const bf16_t* w1, float* y1, int n1, const bf16_t* w2, float* y2, int n2) {
+    gemv3_body<1>(x, T, K, w0, y0, n0, w1, y1, n1, w2, y2, n2);
+}
+
+// Sum of v over the block (blockDim a multiple of 32, ≤ 1024), returned to every thread.
+__device__ __forceinline__ float block_sum(float v, float* part) {
+    v = warp_sum(v);
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = v;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float u = threadIdx.x < (blockDim.x >> 5) ? part[threadIdx.x] : 0.f;
+        u = warp_sum(u);
+        if (threadIdx.x == 0) part[0] = u;
+    }
+    __syncthreads();
+    return part[0];
+}
+
+// Decode's attention prologue in one launch, per (token t, head): q heads get
+// RMSNorm(q_norm) then NeoX RoPE in place; k heads RMSNorm(k_norm), RoPE, and
+// are written to the paged cache at slots[t]; v heads are copied to the cache.
+// Same arithmetic as rmsnorm + rope_neox + kv_write.
+// grid: (T, n_heads + 2·n_kv), block: 128. dim ≤ 256, even.
+extern "C" __global__ void qk_norm_rope_kv(float* q, float* k, const float* v, const float* qw, const float* kw,
+                                           const int* positions, const float* inv_freq, float scaling, float* kc,
+                                           float* vc, const int* slots, int n_heads, int n_kv, int dim, float eps) {
+    __shared__ float part[32];
+    const int t = blockIdx.x, hh = blockIdx.y;
+    const size_t slot = (size_t)slots[t];
+    if (hh >= n_heads + n_kv) {
+        const int h = hh - n_heads - n_kv;
+        const float* src = v + ((size_t)t * n_kv + h) * dim;
+        float* dst = vc + (slot * n_kv + h) * dim;
+        for (int i = threadIdx.x; i < dim; i += blockDim.x) dst[i] = src[i];
+        return;
+    }
+    const bool is_q = hh < n_heads;
+    const int h = is_q ? hh : hh - n_heads;
+    float* x = is_q ? q + ((size_t)t * n_heads + h) * dim : k + ((size_t)t * n_kv + h) * dim;
+    const float* w = is_q ? qw : kw;
+    float s = 0.f;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) s += x[i] * x[i];
+    const float inv = rsqrtf(block_sum(s, part) / (float)dim + eps);
+    const int half = dim / 2;
+    const float p = (float)positions[t];
+    float* kdst = kc + (slot * n_kv + h) * dim;
+    for (int j = threadIdx.x; j < half; j += blockDim.x) {
+        const float x1 = w[j] * (x[j] * inv), x2 = w[j + half] * (x[j + half] * inv);
+        const float a = p * inv_freq[j];
+        const float c = cosf(a) * scaling, sn = sinf(a) * scaling;
+        const float o1 = x1 * c - x2 * sn, o2 = x2 * c + x1 * sn;
+        x[j] = o1;
+        x[j + half] = o2;
+        if (!is_q) {
+            kdst[j] = o1;
+            kdst[j + half] = o2;
+        }
     }
 }
 
-// x += y where y lives in mapped host memory that the CPU rewrites between
-// reads: `ld.global.cv` fetches it again instead of trusting a cached line.
-extern "C" __global__ void add_from_host(float* x, const float* y, long long n) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) x[i] += __ldcv(y + i);
+// x[r] += y[r]; out[r] = RMSNorm(x[r]) · w, per row (add_inplace then rmsnorm in
+// one launch, same arithmetic). y_mapped: y is mapped host memory the CPU
+// rewrites between steps (read uncached). With a flag, the kernel first waits
+// for *flag == value (the host's "done" of a hybrid handoff).  grid: rows, block: 256
+// One row of add_rmsnorm by the whole block. y_mode: 0 plain, 1 mapped host
+// memory (uncached), 2 written by other blocks of this kernel (L2 only).
+__device__ __forceinline__ void add_rmsnorm_row(float* xr, const float* yr, int y_mode, const float* w, float* o,
+                                                int width, float eps, float* part) {
+    // y is loaded eight elements per thread at a time before any x is written:
+    // from mapped host memory each load is a PCIe round trip, and x and y may
+    // alias, so a load-add-store loop would wait for every load in turn.
+    float s = 0.f;
+    for (int i0 = threadIdx.x; i0 < width; i0 += 8 * blockDim.x) {
+        float yv[8];
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+            const int i = i0 + u * blockDim.x;
+            yv[u] = i >= width ? 0.f : y_mode == 1 ? __ldcv(yr + i) : y_mode == 2 ? __ldcg(yr + i) : yr[i];
+        }
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+            const int i = i0 + u * blockDim.x;
+            if (i < width) {
+                const float v = xr[i] + yv[u];
+                xr[i] = v;
+                s += v * v;
+            }
+        }
+    }
+    const float inv = rsqrtf(block_sum(s, part) / (float)width + eps);
+    for (int i = threadIdx.x; i < width; i += blockDim.x) o[i] = w[i] * (xr[i] * inv);
+    __syncthreads();
+}
+
+// Spins until the mapped word *flag equals value (thread 0 of each block polls,
+// the block then proceeds): how a kernel waits for the host without a stream
+// memory operation. Traps after ~60 s so a host that died cannot hang the GPU.
+__device__ __forceinline__ void wait_flag(const volatile unsigned* flag, unsigned value) {
+    if (threadIdx.x == 0) {
+        unsigned long long t0, t;
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+        while (*flag != value) {
+            __nanosleep(64);
+            asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+            if (t - t0 > 60000000000ull) __trap();
+        }
+        __threadfence_system();
+    }
+    __syncthreads();
+}
+
+extern "C" __global__ void add_rmsnorm(float* x, const float* y, int y_mapped, const float* w, float* out, int width,
+                                       float eps, const unsigned* flag, unsigned value) {
+    __shared__ float part[32];
+    if (flag) wait_flag(flag, value);
+    const size_t r = (size_t)blockIdx.x * width;
+    add_rmsnorm_row(x + r, y + r, y_mapped ? 1 : 0, w, out + r, width, eps, part);
+}
+
+// Whether this block is the last of the grid to get here: every block's
+// earlier global writes are visible to the last one. The last block resets
+// `counter` for the next launch (kernels on one stream never overlap).
+__device__ __forceinline__ bool last_block(unsigned* counter) {
+    __shared__ bool is_last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        is_last = atomicAdd(counter, 1u) == gridDim.x - 1;
+        if (is_last) *counter = 0u;
+    }
+    __syncthreads();
+    if (is_last) __threadfence();
+    return is_last;
+}
+
+// y = x · woᵀ (gemv_bf16, one warp per row), then, by the grid's last block,
+// res[t] += y[t]; out[t] = RMSNorm(res[t]) · nw for every token t (o_proj,
+// residual add and the next norm in one launch).  grid: ⌈N/8⌉, block: 256
+template <int TM>
+__device__ __forceinline__ void gemv_add_rmsnorm_body(const float* x, const bf16_t* wo, float* y, int T, int N, int K,
+                                                      float* res, const float* nw, float* out, float eps,
+                                                      unsigned* counter) {
+    __shared__ float part[32];
+    const int n = blockIdx.x * 8 + (threadIdx.x >> 5);
+    if (n < N) {
+        float acc[TM];
+#pragma unroll
+        for (int t = 0; t < TM; t++) acc[t] = 0.f;
+        warp_gemv_row<TM>(x, K, wo + (size_t)n * K, acc, T, K);
+        if ((threadIdx.x & 31) == 0)
+            for (int t = 0; t < T; t++) y[(size_t)t * N + n] = acc[t];
+    }
+    if (!last_block(counter)) return;
+    for (int t = 0; t < T; t++)
+        add_rmsnorm_row(res + (size_t)t * N, y + (size_t)t * N, 2, nw, out + (size_t)t * N, N, eps, part);
+}
+extern "C" __global__ void gemv_add_rmsnorm(const float* x, const bf16_t* wo, float* y, int T, int N, int K, float* res,
+                                            const float* nw, float* out, float eps, unsigned* counter) {
+    gemv_add_rmsnorm_body<GEMV_MAX_T>(x, wo, y, T, N, K, res, nw, out, eps, counter);
+}
+extern "C" __global__ void gemv_add_rmsnorm_t1(const float* x, const bf16_t* wo, float* y, int T, int N, int K,
+                                               float* res, const float* nw, float* out, float eps, unsigned* counter) {
+    gemv_add_rmsnorm_body<1>(x, wo, y, T, N, K, res, nw, out, eps, counter);
+}
+
+// Router logits (one warp per expert row) and, by the grid's last block, the
+// softmax top-k of every token (one warp per token) into ids/weights. With
+// `dst_h`, the kernel also copies the tokens' normed hidden states there and
+// sets `*done = 0`, `*n_out = n_tokens`: the GPU half of a hybrid MoE handoff.
+// With `doorbell`, the last block then rings it with `tag` itself (else a
+// stream memory write after the kernel does).
+// grid: ⌈n_experts/8⌉, block: 256
+template <int TM>
+__device__ __forceinline__ void router_fused_body(const float* a, const bf16_t* wr, float* logits, int n_tokens,
+                                                  int n_experts, int k, int renormalize, int h, int* ids, float* weights,
+                                                  float* dst_h, unsigned* done, unsigned* n_out, unsigned* counter,
+                                                  unsigned* doorbell, unsigned tag) {
+    const int n = blockIdx.x * 8 + (threadIdx.x >> 5);
+    if (n < n_experts) {
+        float acc[TM];
+#pragma unroll
+        for (int t = 0; t < TM; t++) acc[t] = 0.f;
+        warp_gemv_row<TM>(a, h, wr + (size_t)n * h, acc, n_tokens, h);
+        if ((threadIdx.x & 31) == 0)
+            for (int t = 0; t < n_tokens; t++) logits[(size_t)t * n_experts + n] = acc[t];
+    }
+    if (dst_h) {
+        const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+        const long long stride = (long long)gridDim.x * blockDim.x;
+        for (long long i = tid; i < (long long)n_tokens * h; i += stride) dst_h[i] = a[i];
+        __threadfence_system();
+    }
+    if (!last_block(counter)) return;
+    for (int t = threadIdx.x >> 5; t < n_tokens; t += blockDim.x >> 5)
+        warp_topk(logits + (size_t)t * n_experts, n_experts, k, renormalize, ids + t * k, weights + t * k);
+    if (done) {
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            *(volatile unsigned*)done = 0u;
+            *n_out = (unsigned)n_tokens;
+            if (doorbell) {
+                // Everything above (this grid's copies, ids, weights, flags)
+                // reaches the host before the doorbell does.
+                __threadfence_system();
+                *(volatile unsigned*)doorbell = tag;
+            }
+        }
+    }
+}
+extern "C" __global__ void router_fused(const float* a, const bf16_t* wr, float* logits, int n_tokens, int n_experts,
+                                        int k, int renormalize, int h, int* ids, float* weights, float* dst_h,
+                                        unsigned* done, unsigned* n_out, unsigned* counter, unsigned* doorbell,
+                                        unsigned tag) {
+    router_fused_body<GEMV_MAX_T>(a, wr, logits, n_tokens, n_experts, k, renormalize, h, ids, weights, dst_h, done,
+                                  n_out, counter, doorbell, tag);
+}
+extern "C" __global__ void router_fused_t1(const float* a, const bf16_t* wr, float* logits, int n_tokens, int n_experts,
+                                           int k, int renormalize, int h, int* ids, float* weights, float* dst_h,
+                                           unsigned* done, unsigned* n_out, unsigned* counter, unsigned* doorbell,
+                                           unsigned tag) {
+    router_fused_body<1>(a, wr, logits, n_tokens, n_experts, k, renormalize, h, ids, weights, dst_h, done, n_out,
+                         counter, doorbell, tag);
 }

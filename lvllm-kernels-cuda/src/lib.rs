@@ -16,7 +16,7 @@
 mod gpu;
 
 pub use cudarc::driver::CudaGraph;
-pub use gpu::{DevBuf, Gpu, MappedHost, GEMV_MAX_T};
+pub use gpu::{DevBuf, Gpu, MappedHost, RouterHandoff, GEMV_MAX_T, ROUTER_MAX_EXPERTS};
 
 /// Errors of `lvllm-kernels-cuda`.
 #[derive(Debug, thiserror::Error)]

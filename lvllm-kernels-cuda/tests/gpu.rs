@@ -3,7 +3,7 @@
 //! (`scripts/device-gpu-check.sh`) runs them on the GPU machine.
 
 use half::bf16;
-use lvllm_kernels_cuda::{Error, Gpu};
+use lvllm_kernels_cuda::{Error, Gpu, RouterHandoff};
 
 fn gpu() -> Option<Gpu> {
     match Gpu::new(0, Some(&std::env::temp_dir().join("lvllm-test-kernels"))) {
@@ -110,25 +110,32 @@ fn kernels_match_cpu_references() {
         }
         close("rope_neox", &g.download(&dx).unwrap(), &want, 1e-5);
 
-        // router top-k
-        let (tk, e, kk) = (6, 16, 4);
-        let lg = rnd(tk * e, 8);
-        let dl = g.upload(&lg).unwrap();
-        let (dids, dw) = (g.alloc::<i32>(tk * kk).unwrap(), g.alloc::<f32>(tk * kk).unwrap());
-        g.router_topk(g.ptr(&dl), tk, e, kk, true, g.ptr(&dids), g.ptr(&dw)).unwrap();
-        let ids = g.download(&dids).unwrap();
-        let ws = g.download(&dw).unwrap();
-        for ti in 0..tk {
-            let row = &lg[ti * e..(ti + 1) * e];
-            let mut order: Vec<usize> = (0..e).collect();
-            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
-            let mx = row.iter().fold(f32::MIN, |a, &b| a.max(b));
-            let sum: f32 = order[..kk].iter().map(|&i| (row[i] - mx).exp()).sum();
-            for j in 0..kk {
-                assert_eq!(ids[ti * kk + j] as usize, order[j], "router ids");
-                assert!((ws[ti * kk + j] - (row[order[j]] - mx).exp() / sum).abs() < 1e-6, "router weights");
+        // router top-k (one warp per token): small and real router widths, k up
+        // to 32, and ties (the lower expert index first)
+        for (case, &(tk, e, kk)) in [(6, 16, 4), (3, 128, 8), (2, 160, 8), (2, 512, 32)].iter().enumerate() {
+            let mut lg = rnd(tk * e, 8 + case as u64);
+            lg[3] = lg[1];
+            lg[e + 7] = lg[e + 2];
+            let dl = g.upload(&lg).unwrap();
+            let (dids, dw) = (g.alloc::<i32>(tk * kk).unwrap(), g.alloc::<f32>(tk * kk).unwrap());
+            g.router_topk(g.ptr(&dl), tk, e, kk, true, g.ptr(&dids), g.ptr(&dw)).unwrap();
+            let ids = g.download(&dids).unwrap();
+            let ws = g.download(&dw).unwrap();
+            for ti in 0..tk {
+                let row = &lg[ti * e..(ti + 1) * e];
+                let mut order: Vec<usize> = (0..e).collect();
+                order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+                let mx = row.iter().fold(f32::MIN, |a, &b| a.max(b));
+                let sum: f32 = order[..kk].iter().map(|&i| (row[i] - mx).exp()).sum();
+                for j in 0..kk {
+                    assert_eq!(ids[ti * kk + j] as usize, order[j], "router ids, {e} experts, token {ti}, rank {j}");
+                    let want = (row[order[j]] - mx).exp() / sum;
+                    assert!((ws[ti * kk + j] - want).abs() < 1e-6, "router weights");
+                }
             }
         }
+        assert!(g.router_topk(0, 1, 513, 8, true, 0, 0).is_err(), "more experts than the kernel takes");
+        assert!(g.router_topk(0, 1, 128, 33, true, 0, 0).is_err(), "k over 32");
 
         // paged attention over a scrambled block table, two sequences, GQA 4:2
         let (nh, nkv, d, bs) = (4, 2, 32, 4);
@@ -282,5 +289,170 @@ fn kernels_match_cpu_references() {
             .flat_map(|&i| table[i as usize * w..(i as usize + 1) * w].iter().map(|&b| bf16::from_bits(b).to_f32()))
             .collect();
         close("embedding", &g.download(&de).unwrap(), &want, 0.0);
+    }
+}
+
+/// The fused decode kernels against the separate kernels they replace (each of
+/// which is checked against a CPU reference above).
+#[test]
+fn fused_kernels_match_their_parts() {
+    let Some(g) = gpu() else { return };
+    // SAFETY: all launches below use buffers allocated here with the sizes the
+    // launchers' contracts name.
+    unsafe {
+        // gemv3 = three gemv_bf16 (same per-row arithmetic: bit-identical)
+        let (t, k) = (3, 264);
+        let rows = [40usize, 8, 8];
+        let x = g.upload(&rnd(t * k, 50)).unwrap();
+        let ws: Vec<_> =
+            rows.iter().enumerate().map(|(i, &r)| g.upload(&bf(&rnd(r * k, 51 + i as u64))).unwrap()).collect();
+        let ys: Vec<_> = rows.iter().map(|&r| g.alloc::<f32>(t * r).unwrap()).collect();
+        let mats = [0, 1, 2].map(|i| (g.ptr(&ws[i]), g.ptr(&ys[i]), rows[i]));
+        g.gemv3_bf16(g.ptr(&x), t, k, mats).unwrap();
+        for i in 0..3 {
+            let want = g.alloc::<f32>(t * rows[i]).unwrap();
+            g.gemv_bf16(g.ptr(&x), g.ptr(&ws[i]), g.ptr(&want), t, rows[i], k).unwrap();
+            close(&format!("gemv3_bf16 matrix {i}"), &g.download(&ys[i]).unwrap(), &g.download(&want).unwrap(), 0.0);
+        }
+
+        // The one-row kernels (`_t1`, eight loads ahead) give the bits of the
+        // general kernel: one token alone vs. the same token twice in a batch.
+        for k in [2048, 4096, 768, 264] {
+            let n = 64;
+            let x1 = rnd(k, 55);
+            let x2: Vec<f32> = x1.iter().chain(&x1).copied().collect();
+            let w = g.upload(&bf(&rnd(n * k, 56))).unwrap();
+            let (dx1, dx2) = (g.upload(&x1).unwrap(), g.upload(&x2).unwrap());
+            let (y1, y2) = (g.alloc::<f32>(n).unwrap(), g.alloc::<f32>(2 * n).unwrap());
+            g.gemv_bf16(g.ptr(&dx1), g.ptr(&w), g.ptr(&y1), 1, n, k).unwrap();
+            g.gemv_bf16(g.ptr(&dx2), g.ptr(&w), g.ptr(&y2), 2, n, k).unwrap();
+            let (a, b) = (g.download(&y1).unwrap(), g.download(&y2).unwrap());
+            assert_eq!(a[..], b[..n], "gemv_bf16_t1 vs gemv_bf16, k {k}");
+            assert_eq!(b[..n], b[n..], "gemv_bf16 rows, k {k}");
+        }
+
+        // qk_norm_rope_kv = rmsnorm(q), rmsnorm(k), rope_neox(q), rope_neox(k), kv_write
+        let (tok, nh, nkv, dim) = (2, 4, 2, 128);
+        let (q, kk, v) = (rnd(tok * nh * dim, 60), rnd(tok * nkv * dim, 61), rnd(tok * nkv * dim, 62));
+        let (qw, kw) = (rnd(dim, 63), rnd(dim, 64));
+        let pos = [3i32, 41];
+        let slots = [5i32, 2];
+        let inv: Vec<f32> = (0..dim / 2).map(|i| 1.0 / 1e6f32.powf(2.0 * i as f32 / dim as f32)).collect();
+        let up = |v: &[f32]| g.upload(v).unwrap();
+        let (dqw, dkw, dinv, dpos, dslots) =
+            (up(&qw), up(&kw), up(&inv), g.upload(&pos).unwrap(), g.upload(&slots).unwrap());
+        let cache = 8 * nkv * dim;
+        // fused
+        let (fq, fk, fv) = (up(&q), up(&kk), up(&v));
+        let (fkc, fvc) = (up(&vec![0.0; cache]), up(&vec![0.0; cache]));
+        g.qk_norm_rope_kv(
+            (g.ptr(&fq), g.ptr(&fk), g.ptr(&fv)),
+            (g.ptr(&dqw), g.ptr(&dkw)),
+            (g.ptr(&dpos), g.ptr(&dinv), 1.2),
+            (g.ptr(&fkc), g.ptr(&fvc), g.ptr(&dslots)),
+            tok,
+            (nh, nkv, dim),
+            1e-6,
+        )
+        .unwrap();
+        // parts
+        let (sq, sk, sv) = (up(&q), up(&kk), up(&v));
+        let (skc, svc) = (up(&vec![0.0; cache]), up(&vec![0.0; cache]));
+        g.rmsnorm(g.ptr(&sq), g.ptr(&dqw), g.ptr(&sq), tok * nh, dim, 1e-6).unwrap();
+        g.rmsnorm(g.ptr(&sk), g.ptr(&dkw), g.ptr(&sk), tok * nkv, dim, 1e-6).unwrap();
+        g.rope_neox(g.ptr(&sq), g.ptr(&dpos), g.ptr(&dinv), 1.2, tok, nh, dim).unwrap();
+        g.rope_neox(g.ptr(&sk), g.ptr(&dpos), g.ptr(&dinv), 1.2, tok, nkv, dim).unwrap();
+        g.kv_write(g.ptr(&sk), g.ptr(&sv), g.ptr(&skc), g.ptr(&svc), g.ptr(&dslots), tok, nkv * dim).unwrap();
+        close("qk_norm_rope_kv q", &g.download(&fq).unwrap(), &g.download(&sq).unwrap(), 1e-6);
+        close("qk_norm_rope_kv k", &g.download(&fk).unwrap(), &g.download(&sk).unwrap(), 1e-6);
+        close("qk_norm_rope_kv k cache", &g.download(&fkc).unwrap(), &g.download(&skc).unwrap(), 1e-6);
+        close("qk_norm_rope_kv v cache", &g.download(&fvc).unwrap(), &g.download(&svc).unwrap(), 0.0);
+
+        // add_rmsnorm = add_inplace + rmsnorm, from device memory and from mapped host memory
+        let (r, w) = (3, 2048);
+        let (x, y, wt) = (rnd(r * w, 70), rnd(r * w, 71), rnd(w, 72));
+        let (dx, dy, dw) = (up(&x), up(&y), up(&wt));
+        let (out, want) = (g.alloc::<f32>(r * w).unwrap(), g.alloc::<f32>(r * w).unwrap());
+        g.add_rmsnorm(g.ptr(&dx), g.ptr(&dy), false, g.ptr(&dw), g.ptr(&out), r, w, 1e-6, None).unwrap();
+        let dx2 = up(&x);
+        g.add_inplace(g.ptr(&dx2), g.ptr(&dy), r * w).unwrap();
+        g.rmsnorm(g.ptr(&dx2), g.ptr(&dw), g.ptr(&want), r, w, 1e-6).unwrap();
+        close("add_rmsnorm x", &g.download(&dx).unwrap(), &g.download(&dx2).unwrap(), 0.0);
+        close("add_rmsnorm out", &g.download(&out).unwrap(), &g.download(&want).unwrap(), 0.0);
+        // ... with the kernel first polling a mapped flag the host has set
+        let mapped = g.alloc_mapped(r * w * 4 + 4).unwrap();
+        std::ptr::copy_nonoverlapping(y.as_ptr(), mapped.host_ptr() as *mut f32, r * w);
+        *(mapped.host_ptr().add(r * w * 4) as *mut u32) = 7;
+        let flag = Some((mapped.dev_ptr() + (r * w * 4) as u64, 7));
+        let dx3 = up(&x);
+        g.add_rmsnorm(g.ptr(&dx3), mapped.dev_ptr(), true, g.ptr(&dw), g.ptr(&out), r, w, 1e-6, flag).unwrap();
+        close("add_rmsnorm from mapped memory", &g.download(&out).unwrap(), &g.download(&want).unwrap(), 0.0);
+
+        // gemv_add_rmsnorm = gemv_bf16 + add_rmsnorm (twice: the grid counter resets)
+        let (t, n, k) = (2, 2048, 512);
+        let (xa, wo, res, nw) = (rnd(t * k, 80), bf(&rnd(n * k, 81)), rnd(t * n, 82), rnd(n, 83));
+        let (dxa, dwo, dnw) = (up(&xa), g.upload(&wo).unwrap(), up(&nw));
+        let (y1, y2) = (g.alloc::<f32>(t * n).unwrap(), g.alloc::<f32>(t * n).unwrap());
+        let (o1, o2) = (g.alloc::<f32>(t * n).unwrap(), g.alloc::<f32>(t * n).unwrap());
+        for round in 0..2 {
+            let (r1, r2) = (up(&res), up(&res));
+            g.gemv_add_rmsnorm(
+                (g.ptr(&dxa), g.ptr(&dwo), g.ptr(&y1)),
+                (t, n, k),
+                g.ptr(&r1),
+                g.ptr(&dnw),
+                g.ptr(&o1),
+                1e-6,
+            )
+            .unwrap();
+            g.gemv_bf16(g.ptr(&dxa), g.ptr(&dwo), g.ptr(&y2), t, n, k).unwrap();
+            g.add_rmsnorm(g.ptr(&r2), g.ptr(&y2), false, g.ptr(&dnw), g.ptr(&o2), t, n, 1e-6, None).unwrap();
+            close(&format!("gemv_add_rmsnorm y ({round})"), &g.download(&y1).unwrap(), &g.download(&y2).unwrap(), 0.0);
+            close(
+                &format!("gemv_add_rmsnorm res ({round})"),
+                &g.download(&r1).unwrap(),
+                &g.download(&r2).unwrap(),
+                0.0,
+            );
+            close(
+                &format!("gemv_add_rmsnorm out ({round})"),
+                &g.download(&o1).unwrap(),
+                &g.download(&o2).unwrap(),
+                0.0,
+            );
+        }
+
+        // router_fused = gemv_bf16 + router_topk; with a handoff it also copies the
+        // hidden states to mapped memory and sets the flags
+        let (t, e, kk, h) = (3, 128, 8, 256);
+        let (xa, wr) = (rnd(t * h, 90), bf(&rnd(e * h, 91)));
+        let (dxa, dwr) = (up(&xa), g.upload(&wr).unwrap());
+        let (l1, l2) = (g.alloc::<f32>(t * e).unwrap(), g.alloc::<f32>(t * e).unwrap());
+        let (i1, i2) = (g.alloc::<i32>(t * kk).unwrap(), g.alloc::<i32>(t * kk).unwrap());
+        let (w1, w2) = (g.alloc::<f32>(t * kk).unwrap(), g.alloc::<f32>(t * kk).unwrap());
+        g.gemv_bf16(g.ptr(&dxa), g.ptr(&dwr), g.ptr(&l2), t, e, h).unwrap();
+        g.router_topk(g.ptr(&l2), t, e, kk, true, g.ptr(&i2), g.ptr(&w2)).unwrap();
+        let region = g.alloc_mapped(t * h * 4 + 12).unwrap();
+        let base = region.host_ptr();
+        std::ptr::write_bytes(base, 0xff, t * h * 4 + 12);
+        let at = |off: usize| region.dev_ptr() + off as u64;
+        let handoff = RouterHandoff {
+            hidden: at(0),
+            done: at(t * h * 4),
+            n_tokens: at(t * h * 4 + 4),
+            doorbell: Some((at(t * h * 4 + 8), 42)),
+        };
+        for handoff in [None, Some(handoff)] {
+            let (dl, di, dw) = (g.ptr(&l1), g.ptr(&i1), g.ptr(&w1));
+            g.router_fused((g.ptr(&dxa), g.ptr(&dwr), dl), (t, e, kk, true), h, (di, dw), handoff).unwrap();
+            close("router_fused logits", &g.download(&l1).unwrap(), &g.download(&l2).unwrap(), 0.0);
+            assert_eq!(g.download(&i1).unwrap(), g.download(&i2).unwrap(), "router_fused ids");
+            close("router_fused weights", &g.download(&w1).unwrap(), &g.download(&w2).unwrap(), 0.0);
+        }
+        g.synchronize().unwrap();
+        let copied = std::slice::from_raw_parts(base as *const f32, t * h);
+        assert_eq!(copied, &xa[..], "router_fused copies the hidden states");
+        let flags = std::slice::from_raw_parts(base.add(t * h * 4) as *const u32, 3);
+        assert_eq!(flags, &[0, t as u32, 42], "router_fused clears done, records the token count, rings the doorbell");
     }
 }

@@ -416,7 +416,7 @@ impl CudaQwen3Moe {
         gpu.synchronize().map_err(gpu_err)?;
         let hybrid = layers.iter().any(|l| matches!(l.ffn, Ffn::CpuMoe { .. }));
         let (ring, ring_error) = if hybrid {
-            match lvllm_moe::hybrid::Handoff::new(&gpu, h, k, mt) {
+            match lvllm_moe::hybrid::Handoff::new(&gpu, h, k, mt, lvllm_moe::hybrid::Signal::Kernels) {
                 Ok(r) => (Some(r), None),
                 Err(err) => (None, Some(err.to_string())),
             }
@@ -475,8 +475,12 @@ impl CudaQwen3Moe {
             return None;
         }
         Some(match (&self.ring, &self.ring_error) {
-            (Some(_), _) => format!(
-                "mapped memory + stream memory operations{}",
+            (Some(ring), _) => format!(
+                "mapped memory, {}{}",
+                match ring.signal() {
+                    lvllm_moe::hybrid::Signal::Kernels => "flags rung and polled by kernels",
+                    lvllm_moe::hybrid::Signal::StreamMemOps => "stream memory operations",
+                },
                 if self.graphs.is_some() { ", CUDA graphs" } else { ", eager" }
             ),
             (None, e) => format!("synchronous copies, eager ({})", e.as_deref().unwrap_or("no mapped region")),
@@ -766,17 +770,39 @@ impl CudaQwen3Moe {
         // filled for n tokens, and the weights have the config's shapes.
         unsafe {
             g.embedding(g.ptr(&ws.ids), g.ptr(&self.embed.buf), p(&ws.x), n, h).map_err(e)?;
+            // What the previous layer's FFN left to add to the residual before the
+            // next norm: (buffer, whether it is mapped host memory, the host flag
+            // to wait for first). Adding it is fused with that norm.
+            type Pending = Option<(u64, bool, Option<(u64, u32)>)>;
+            let mut pending: Pending = None;
+            let norm_into_a = |pending: Pending, w: &DevBuf<f32>| match pending {
+                Some((y, mapped, wait)) => g.add_rmsnorm(p(&ws.x), y, mapped, p(w), p(&ws.a), n, h, eps, wait),
+                None => g.rmsnorm(p(&ws.x), p(w), p(&ws.a), n, h, eps),
+            };
             for (l, layer) in self.layers.iter().enumerate() {
                 let (kc, vc) = &self.kv[l];
-                g.rmsnorm(p(&ws.x), p(&layer.in_norm), p(&ws.a), n, h, eps).map_err(e)?;
-                gemv(&ws.a, &layer.q, &ws.q)?;
-                gemv(&ws.a, &layer.k, &ws.k)?;
-                gemv(&ws.a, &layer.v, &ws.v)?;
-                g.rmsnorm(p(&ws.q), p(&layer.q_norm), p(&ws.q), n * nh, hd, eps).map_err(e)?;
-                g.rmsnorm(p(&ws.k), p(&layer.k_norm), p(&ws.k), n * nkv, hd, eps).map_err(e)?;
-                g.rope_neox(p(&ws.q), g.ptr(&ws.pos), p(&self.inv_freq), self.rope_scaling, n, nh, hd).map_err(e)?;
-                g.rope_neox(p(&ws.k), g.ptr(&ws.pos), p(&self.inv_freq), self.rope_scaling, n, nkv, hd).map_err(e)?;
-                g.kv_write(p(&ws.k), p(&ws.v), p(kc), p(vc), g.ptr(&ws.slots), n, nkv * hd).map_err(e)?;
+                norm_into_a(pending.take(), &layer.in_norm).map_err(e)?;
+                g.gemv3_bf16(
+                    p(&ws.a),
+                    n,
+                    h,
+                    [
+                        (g.ptr(&layer.q.buf), p(&ws.q), layer.q.rows),
+                        (g.ptr(&layer.k.buf), p(&ws.k), layer.k.rows),
+                        (g.ptr(&layer.v.buf), p(&ws.v), layer.v.rows),
+                    ],
+                )
+                .map_err(e)?;
+                g.qk_norm_rope_kv(
+                    (p(&ws.q), p(&ws.k), p(&ws.v)),
+                    (p(&layer.q_norm), p(&layer.k_norm)),
+                    (g.ptr(&ws.pos), p(&self.inv_freq), self.rope_scaling),
+                    (p(kc), p(vc), g.ptr(&ws.slots)),
+                    n,
+                    (nh, nkv, hd),
+                    eps,
+                )
+                .map_err(e)?;
                 g.paged_attention(
                     p(&ws.q),
                     p(kc),
@@ -794,37 +820,53 @@ impl CudaQwen3Moe {
                     1.0 / (hd as f32).sqrt(),
                 )
                 .map_err(e)?;
-                gemv(&ws.att, &layer.o, &ws.o)?;
-                g.add_inplace(p(&ws.x), p(&ws.o), n * h).map_err(e)?;
-                g.rmsnorm(p(&ws.x), p(&layer.post_norm), p(&ws.a), n, h, eps).map_err(e)?;
+                g.gemv_add_rmsnorm(
+                    (p(&ws.att), g.ptr(&layer.o.buf), p(&ws.o)),
+                    (n, h, nh * hd),
+                    p(&ws.x),
+                    p(&layer.post_norm),
+                    p(&ws.a),
+                    eps,
+                )
+                .map_err(e)?;
                 match &layer.ffn {
                     Ffn::Dense { gate, up, down } => {
-                        gemv(&ws.a, gate, &ws.g)?;
-                        gemv(&ws.a, up, &ws.u)?;
+                        let (gp, up_p) = ((g.ptr(&gate.buf), p(&ws.g), gate.rows), (g.ptr(&up.buf), p(&ws.u), up.rows));
+                        g.gemv3_bf16(p(&ws.a), n, h, [gp, up_p, (0, 0, 0)]).map_err(e)?;
                         g.silu_mul(p(&ws.g), p(&ws.u), p(&ws.act), n * gate.rows).map_err(e)?;
                         gemv(&ws.act, down, &ws.o)?;
-                        g.add_inplace(p(&ws.x), p(&ws.o), n * h).map_err(e)?;
+                        pending = Some((p(&ws.o), false, None));
                     }
                     Ffn::CpuMoe { router, experts } => match &self.ring {
                         Some(ring) => {
-                            let ne = cfg.num_experts;
-                            gemv(&ws.a, router, &ws.rlog)?;
-                            ring.enqueue(g, l as u32 + 1, p(&ws.a), p(&ws.rlog), (n, ne, cfg.norm_topk_prob))?;
+                            let (ne, rw) = (cfg.num_experts, g.ptr(&router.buf));
+                            let wait = ring.enqueue(
+                                g,
+                                l as u32 + 1,
+                                p(&ws.a),
+                                (rw, p(&ws.rlog)),
+                                (n, ne, cfg.norm_topk_prob),
+                            )?;
                             if serve_inline {
                                 self.serve(l, experts)?;
                             }
-                            g.add_from_host(p(&ws.x), ring.out_dev_ptr(), n * h).map_err(e)?;
+                            pending = Some((ring.out_dev_ptr(), true, wait));
                         }
                         None => {
                             self.cpu_moe(&ws.a, n, router, experts, &ws.o)?;
-                            g.add_inplace(p(&ws.x), p(&ws.o), n * h).map_err(e)?;
+                            pending = Some((p(&ws.o), false, None));
                         }
                     },
                     Ffn::Moe { router, gate, up, down } => {
                         let (k, ne, i) = (cfg.num_experts_per_tok, cfg.num_experts, cfg.moe_intermediate_size);
-                        gemv(&ws.a, router, &ws.rlog)?;
-                        g.router_topk(p(&ws.rlog), n, ne, k, cfg.norm_topk_prob, g.ptr(&ws.topi), p(&ws.topw))
-                            .map_err(e)?;
+                        g.router_fused(
+                            (p(&ws.a), g.ptr(&router.buf), p(&ws.rlog)),
+                            (n, ne, k, cfg.norm_topk_prob),
+                            h,
+                            (g.ptr(&ws.topi), p(&ws.topw)),
+                            None,
+                        )
+                        .map_err(e)?;
                         let s = n * k;
                         g.moe_gemv_bf16(p(&ws.a), g.ptr(&gate.buf), g.ptr(&ws.topi), p(&ws.g), s, i, h, k, false)
                             .map_err(e)?;
@@ -837,7 +879,7 @@ impl CudaQwen3Moe {
                     }
                 }
             }
-            g.rmsnorm(p(&ws.x), p(&self.norm), p(&ws.a), n, h, eps).map_err(e)?;
+            norm_into_a(pending.take(), &self.norm).map_err(e)?;
             let head = self.lm_head.as_ref().unwrap_or(&self.embed);
             gemv(&ws.a, head, &ws.logits)?;
         }

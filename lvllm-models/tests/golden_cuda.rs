@@ -12,6 +12,10 @@ use lvllm_kernels_cuda::{Error as CudaError, Gpu};
 use lvllm_models::cuda_qwen3_moe::{CudaQwen3Moe, GpuWeights, KvSizing};
 use lvllm_models::{ForwardBatch, LogitsSelection, ModelConfig, SafetensorsFile, SeqSpan, WeightSource};
 
+/// The tests of this file take turns on the device: each captures CUDA graphs,
+/// and one test's host synchronisation must not fall inside another's capture.
+static DEVICE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn gpu() -> Option<Arc<Gpu>> {
     match Gpu::new(0, Some(&std::env::temp_dir().join("lvllm-test-kernels"))) {
         Ok(g) => Some(Arc::new(g)),
@@ -36,6 +40,7 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
 
 #[test]
 fn gpu_logits_track_hf_f32() {
+    let _turn = DEVICE.lock().unwrap_or_else(|e| e.into_inner());
     let Some(g) = gpu() else { return };
     for name in ["qwen3_moe_sharded", "qwen3_moe_dense_tied", "qwen3_moe_yarn_step2"] {
         // LVLLM_FIXTURES lets the device script run this binary away from the build tree.
@@ -108,6 +113,7 @@ fn hybrid_logits_track_hf_and_all_gpu() {
     use lvllm_models::cuda_qwen3_moe::HybridOptions;
     use lvllm_moe::ExpertsOptions;
     use lvllm_numa::{Binding, Pool, PoolOptions, Topology};
+    let _turn = DEVICE.lock().unwrap_or_else(|e| e.into_inner());
     let Some(g) = gpu() else { return };
     let pool = Arc::new(
         Pool::new(

@@ -44,6 +44,10 @@ const MAX_BLOCKS_PER_TASK: usize = 8;
 /// Tasks per thread the block grouping aims for (load balance vs. overhead).
 const TASKS_PER_THREAD: usize = 16;
 
+/// Up to this many tokens a forward runs both phases in one pool dispatch
+/// ([`CpuExperts::run_fused`]); larger batches keep the two-phase barrier.
+const FUSED_MAX_TOKENS: usize = 64;
+
 /// The runtime format of routed experts (`moe_weight`; seed env `LVLLM_MOE_USE_WEIGHT`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum MoeWeight {
@@ -255,31 +259,31 @@ struct Int8Rows {
 }
 
 impl Int8Rows {
-    /// Quantizes `rows` rows of `k` values, `src_stride` apart, on the pool.
-    fn quantize(&mut self, pool: &Pool, src: &[f32], src_stride: usize, rows: usize, k: usize, group: usize) {
+    /// Sizes the buffers for `rows` rows of `k` values and returns a writer that
+    /// fills rows independently (from any thread, each row once).
+    fn prepare(&mut self, rows: usize, k: usize, group: usize) -> Int8Writer {
         self.stride = int8act::q_stride(k);
         self.groups = k.div_ceil(group);
         self.q.resize(rows * self.stride, 0);
         self.scales.resize(rows * self.groups, 0.0);
         self.sums.resize(rows * self.groups, 0);
-        let (stride, groups) = (self.stride, self.groups);
-        let (q, sc, su) = (
-            SharedOut(self.q.as_mut_ptr().cast()),
-            SharedOut(self.scales.as_mut_ptr()),
-            SharedOut(self.sums.as_mut_ptr().cast()),
-        );
-        let one = |r: usize| {
-            // SAFETY: row r's ranges of the three buffers are written by this call
-            // alone (one call per row), and the buffers were sized above.
-            let (qr, sr, ur) = unsafe {
-                (
-                    std::slice::from_raw_parts_mut(q.ptr().cast::<i8>().add(r * stride), stride),
-                    std::slice::from_raw_parts_mut(sc.ptr().add(r * groups), groups),
-                    std::slice::from_raw_parts_mut(su.ptr().cast::<i32>().add(r * groups), groups),
-                )
-            };
-            int8act::quantize_row(&src[r * src_stride..r * src_stride + k], group, qr, sr, ur);
-        };
+        Int8Writer {
+            q: SharedOut(self.q.as_mut_ptr().cast()),
+            scales: SharedOut(self.scales.as_mut_ptr()),
+            sums: SharedOut(self.sums.as_mut_ptr().cast()),
+            stride: self.stride,
+            groups: self.groups,
+            rows,
+            k,
+            group,
+        }
+    }
+
+    /// Quantizes `rows` rows of `k` values, `src_stride` apart, on the pool.
+    fn quantize(&mut self, pool: &Pool, src: &[f32], src_stride: usize, rows: usize, k: usize, group: usize) {
+        let w = self.prepare(rows, k, group);
+        // SAFETY: each row is quantized by one call, into the buffers just sized.
+        let one = |r: usize| unsafe { w.quantize_row(r, &src[r * src_stride..r * src_stride + k]) };
         if rows < 64 {
             (0..rows).for_each(one);
         } else {
@@ -294,6 +298,63 @@ impl Int8Rows {
             scales: &self.scales[first * self.groups..],
             sums: &self.sums[first * self.groups..],
             groups: self.groups,
+        }
+    }
+}
+
+/// Raw access to the rows of an [`Int8Rows`] sized by [`Int8Rows::prepare`],
+/// so that tasks fill and read disjoint rows concurrently.
+#[derive(Clone, Copy)]
+struct Int8Writer {
+    q: SharedOut,
+    scales: SharedOut,
+    sums: SharedOut,
+    stride: usize,
+    groups: usize,
+    rows: usize,
+    k: usize,
+    group: usize,
+}
+
+impl Int8Writer {
+    /// Quantizes `x` (`k` values) into row `r`.
+    ///
+    /// # Safety
+    /// The buffers are still as `prepare` left them, and no other thread reads or
+    /// writes row `r` during the call.
+    unsafe fn quantize_row(self, r: usize, x: &[f32]) {
+        assert!(r < self.rows && x.len() == self.k);
+        // SAFETY: row r's ranges lie inside the sized buffers and are ours alone.
+        let (q, sc, su) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(self.q.ptr().cast::<i8>().add(r * self.stride), self.stride),
+                std::slice::from_raw_parts_mut(self.scales.ptr().add(r * self.groups), self.groups),
+                std::slice::from_raw_parts_mut(self.sums.ptr().cast::<i32>().add(r * self.groups), self.groups),
+            )
+        };
+        int8act::quantize_row(x, self.group, q, sc, su);
+    }
+
+    /// Rows `first..first + n`, for reading.
+    ///
+    /// # Safety
+    /// Those rows were written (and the writes are visible to this thread), and no
+    /// thread writes them while the result lives.
+    unsafe fn rows(&self, first: usize, n: usize) -> QuantActs<'_> {
+        assert!(first + n <= self.rows);
+        // SAFETY: the ranges lie inside the sized buffers; the caller guarantees
+        // nobody writes them meanwhile.
+        unsafe {
+            QuantActs {
+                q: std::slice::from_raw_parts(self.q.ptr().cast::<i8>().add(first * self.stride), n * self.stride),
+                stride: self.stride,
+                scales: std::slice::from_raw_parts(self.scales.ptr().add(first * self.groups), n * self.groups),
+                sums: std::slice::from_raw_parts(
+                    self.sums.ptr().cast::<i32>().add(first * self.groups),
+                    n * self.groups,
+                ),
+                groups: self.groups,
+            }
         }
     }
 }
@@ -604,85 +665,98 @@ impl CpuExperts {
         if let Some(group) = self.int8_group {
             s.xq.quantize(&self.pool, &s.xg, h, n_slots, h, group);
         }
-        // Phase 1: gate_up → activations.
-        let act = SharedOut(s.act.as_mut_ptr());
-        let (xg, xq) = (&s.xg, &s.xq);
-        self.run_phase(
-            &active,
-            |shard| shard.gu.len(),
-            |shard, (e, start, count), blocks| {
-                let mut tmp = [0f32; TOKEN_TILE * BLOCK_ROWS];
-                for t0 in (0..count).step_by(TOKEN_TILE) {
-                    let n = (count - t0).min(TOKEN_TILE);
-                    let x = &xg[(start + t0) * h..(start + t0 + n) * h];
-                    for i in blocks.clone() {
-                        let block = self.gu_block(shard, e, i);
-                        let out = &mut tmp[..n * BLOCK_ROWS];
-                        if self.int8_group.is_some() {
-                            int8act::gemm_block_i8(self.gu_format, block, h, &xq.rows(start + t0), n, out, BLOCK_ROWS);
-                        } else {
-                            packed::gemm_block(self.gu_format, block, h, x, h, n, out, BLOCK_ROWS);
-                        }
-                        let col = (shard.gu.start + i) * HALF;
-                        for t in 0..n {
-                            let g = &tmp[t * BLOCK_ROWS..t * BLOCK_ROWS + HALF];
-                            let u = &tmp[t * BLOCK_ROWS + HALF..(t + 1) * BLOCK_ROWS];
-                            let row = (start + t0 + t) * i_pad + col;
-                            for c in 0..HALF {
-                                // SAFETY: this task alone writes columns col..col+16 of the
-                                // rows of its expert's slots; the buffer outlives the phase.
-                                unsafe { act.write(row + c, silu(g[c]) * u[c]) };
-                            }
-                        }
-                    }
-                }
-            },
-        );
-
         let inter = self.intermediate;
-        if let Some(group) = self.int8_group {
-            s.aq.quantize(&self.pool, &s.act, i_pad, n_slots, inter, group);
-        }
-        // Phase 2: down → per-slot expert outputs.
-        let y = SharedOut(s.y.as_mut_ptr());
-        let (act, aq) = (&s.act, &s.aq);
-        self.run_phase(
-            &active,
-            |shard| shard.dn.len(),
-            |shard, (e, start, count), blocks| {
-                let mut tmp = [0f32; TOKEN_TILE * BLOCK_ROWS];
-                for t0 in (0..count).step_by(TOKEN_TILE) {
-                    let n = (count - t0).min(TOKEN_TILE);
-                    let x = &act[(start + t0) * i_pad..(start + t0 + n - 1) * i_pad + inter];
-                    for i in blocks.clone() {
-                        let block = self.dn_block(shard, e, i);
-                        let out = &mut tmp[..n * BLOCK_ROWS];
-                        if self.int8_group.is_some() {
-                            int8act::gemm_block_i8(
-                                self.dn_format,
-                                block,
-                                inter,
-                                &aq.rows(start + t0),
-                                n,
-                                out,
-                                BLOCK_ROWS,
-                            );
-                        } else {
-                            packed::gemm_block(self.dn_format, block, inter, x, i_pad, n, out, BLOCK_ROWS);
-                        }
-                        let col = (shard.dn.start + i) * BLOCK_ROWS;
-                        for t in 0..n {
-                            let row = (start + t0 + t) * h_pad + col;
-                            for c in 0..BLOCK_ROWS {
-                                // SAFETY: this task alone writes columns col..col+32 of its
-                                // expert's slot rows; the buffer outlives the phase.
-                                unsafe { y.write(row + c, tmp[t * BLOCK_ROWS + c]) };
-                            }
+        let aq = self.int8_group.map(|group| s.aq.prepare(n_slots, inter, group));
+        let act = SharedOut(s.act.as_mut_ptr());
+        let act_rows = |first: usize, n: usize| {
+            // SAFETY: rows first..first+n of `act` were completed by gate_up tasks
+            // that happen-before this read (the phase barrier, or the expert's
+            // readiness flag), and no task writes them any more.
+            unsafe { std::slice::from_raw_parts(act.ptr().add(first * i_pad), (n - 1) * i_pad + inter) }
+        };
+        let (xg, xq) = (&s.xg, &s.xq);
+        // gate_up of one task → SiLU·mul activations.
+        let gate_up = |shard: &NodeShard, (e, start, count): (usize, usize, usize), blocks: std::ops::Range<usize>| {
+            let mut tmp = [0f32; TOKEN_TILE * BLOCK_ROWS];
+            for t0 in (0..count).step_by(TOKEN_TILE) {
+                let n = (count - t0).min(TOKEN_TILE);
+                let x = &xg[(start + t0) * h..(start + t0 + n) * h];
+                for i in blocks.clone() {
+                    let block = self.gu_block(shard, e, i);
+                    let out = &mut tmp[..n * BLOCK_ROWS];
+                    if self.int8_group.is_some() {
+                        int8act::gemm_block_i8(self.gu_format, block, h, &xq.rows(start + t0), n, out, BLOCK_ROWS);
+                    } else {
+                        packed::gemm_block(self.gu_format, block, h, x, h, n, out, BLOCK_ROWS);
+                    }
+                    let col = (shard.gu.start + i) * HALF;
+                    for t in 0..n {
+                        let g = &tmp[t * BLOCK_ROWS..t * BLOCK_ROWS + HALF];
+                        let u = &tmp[t * BLOCK_ROWS + HALF..(t + 1) * BLOCK_ROWS];
+                        let row = (start + t0 + t) * i_pad + col;
+                        for c in 0..HALF {
+                            // SAFETY: this task alone writes columns col..col+16 of the
+                            // rows of its expert's slots; the buffer outlives the phase.
+                            unsafe { act.write(row + c, silu(g[c]) * u[c]) };
                         }
                     }
                 }
-            },
-        );
+            }
+        };
+        // After all of an expert's gate_up tasks: quantize its activation rows.
+        let finish_expert = |(_, start, count): (usize, usize, usize)| {
+            if let Some(w) = aq {
+                for r in start..start + count {
+                    // SAFETY: row r belongs to this expert alone; see `act_rows`.
+                    unsafe { w.quantize_row(r, &act_rows(r, 1)[..inter]) };
+                }
+            }
+        };
+        // down of one task → per-slot expert outputs.
+        let y = SharedOut(s.y.as_mut_ptr());
+        let down = |shard: &NodeShard, (e, start, count): (usize, usize, usize), blocks: std::ops::Range<usize>| {
+            let mut tmp = [0f32; TOKEN_TILE * BLOCK_ROWS];
+            for t0 in (0..count).step_by(TOKEN_TILE) {
+                let n = (count - t0).min(TOKEN_TILE);
+                let x = act_rows(start + t0, n);
+                for i in blocks.clone() {
+                    let block = self.dn_block(shard, e, i);
+                    let out = &mut tmp[..n * BLOCK_ROWS];
+                    match &aq {
+                        Some(w) => {
+                            // SAFETY: the expert's rows were quantized before its down
+                            // tasks start and are not written again.
+                            let rows = unsafe { w.rows(start + t0, n) };
+                            int8act::gemm_block_i8(self.dn_format, block, inter, &rows, n, out, BLOCK_ROWS);
+                        }
+                        None => packed::gemm_block(self.dn_format, block, inter, x, i_pad, n, out, BLOCK_ROWS),
+                    }
+                    let col = (shard.dn.start + i) * BLOCK_ROWS;
+                    for t in 0..n {
+                        let row = (start + t0 + t) * h_pad + col;
+                        for c in 0..BLOCK_ROWS {
+                            // SAFETY: this task alone writes columns col..col+32 of its
+                            // expert's slot rows; the buffer outlives the phase.
+                            unsafe { y.write(row + c, tmp[t * BLOCK_ROWS + c]) };
+                        }
+                    }
+                }
+            }
+        };
+        if m <= FUSED_MAX_TOKENS && !self.pool.is_worker_thread() {
+            // Decode-sized batches: one dispatch, down tasks start per expert.
+            self.run_fused(&active, gate_up, finish_expert, down);
+        } else {
+            self.run_phase(&active, |shard| shard.gu.len(), gate_up);
+            match aq {
+                Some(w) if n_slots >= 64 => {
+                    // SAFETY: one call per row, after the gate_up phase completed.
+                    self.pool.parallel_for(n_slots, |_, r| unsafe { w.quantize_row(r, &act_rows(r, 1)[..inter]) })
+                }
+                _ => active.iter().for_each(|&a| finish_expert(a)),
+            }
+            self.run_phase(&active, |shard| shard.dn.len(), down);
+        }
 
         // Phase 3: weighted sum per token.
         let yv = &s.y;
@@ -715,6 +789,22 @@ impl CpuExperts {
         Ok(())
     }
 
+    /// Per node: (blocks per task, task groups per expert) for a phase whose node
+    /// shards hold `node_blocks` blocks, with `n_active` experts active.
+    fn groups(&self, n_active: usize, node_blocks: impl Fn(&NodeShard) -> usize) -> Vec<(usize, usize)> {
+        self.shards
+            .iter()
+            .enumerate()
+            .map(|(n, shard)| {
+                let nb = node_blocks(shard);
+                let threads = self.pool.threads_on_node(n).max(1);
+                let want = (threads * TASKS_PER_THREAD).div_ceil(n_active.max(1));
+                let per = nb.div_ceil(want.max(1)).clamp(1, MAX_BLOCKS_PER_TASK);
+                (per, nb.div_ceil(per))
+            })
+            .collect()
+    }
+
     /// Runs one phase: for every node, tasks = active experts × groups of the
     /// node's blocks; `f(shard, expert, block range)` runs on that node's threads.
     fn run_phase(
@@ -723,18 +813,7 @@ impl CpuExperts {
         node_blocks: impl Fn(&NodeShard) -> usize + Sync,
         f: impl Fn(&NodeShard, (usize, usize, usize), std::ops::Range<usize>) + Sync,
     ) {
-        let groups: Vec<(usize, usize)> = self
-            .shards
-            .iter()
-            .enumerate()
-            .map(|(n, shard)| {
-                let nb = node_blocks(shard);
-                let threads = self.pool.threads_on_node(n).max(1);
-                let want = (threads * TASKS_PER_THREAD).div_ceil(active.len().max(1));
-                let per = nb.div_ceil(want.max(1)).clamp(1, MAX_BLOCKS_PER_TASK);
-                (per, nb.div_ceil(per))
-            })
-            .collect();
+        let groups = self.groups(active.len(), &node_blocks);
         let tasks: Vec<usize> = groups.iter().map(|&(_, g)| g * active.len()).collect();
         self.pool.parallel_for_nodes(&tasks, |ctx, task| {
             let shard = &self.shards[ctx.node];
@@ -742,6 +821,69 @@ impl CpuExperts {
             let (a, g) = (task / ngroups, task % ngroups);
             let nb = node_blocks(shard);
             f(shard, active[a], g * per..((g + 1) * per).min(nb));
+        });
+    }
+
+    /// Both phases in one dispatch: every node's tasks are its gate_up tasks
+    /// (expert-major) followed by its down tasks. The last gate_up task of an
+    /// expert (over all nodes) runs `finish(expert)` and marks the expert ready;
+    /// its down tasks wait for that. Workers claim a node's tasks in order, so
+    /// when a down task starts, every gate_up task of its node has been claimed
+    /// and the wait is for tasks already running (no deadlock); the phase
+    /// barrier and the second dispatch of [`CpuExperts::run_phase`] disappear.
+    /// Must not run nested on a pool worker (the pool then runs tasks inline,
+    /// node after node).
+    fn run_fused(
+        &self,
+        active: &[(usize, usize, usize)],
+        gate_up: impl Fn(&NodeShard, (usize, usize, usize), std::ops::Range<usize>) + Sync,
+        finish: impl Fn((usize, usize, usize)) + Sync,
+        down: impl Fn(&NodeShard, (usize, usize, usize), std::ops::Range<usize>) + Sync,
+    ) {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let gu = self.groups(active.len(), |s| s.gu.len());
+        let dn = self.groups(active.len(), |s| s.dn.len());
+        let total_gu: usize = gu.iter().map(|&(_, g)| g).sum();
+        let left: Vec<AtomicUsize> = active.iter().map(|_| AtomicUsize::new(total_gu)).collect();
+        let ready: Vec<AtomicBool> = active.iter().map(|_| AtomicBool::new(total_gu == 0)).collect();
+        if total_gu == 0 {
+            active.iter().for_each(|&a| finish(a));
+        }
+        /// Counts one gate_up task of expert `a` done, also when it unwinds, so
+        /// down tasks never wait forever (the pool re-raises the panic).
+        struct Done<'a, F: Fn((usize, usize, usize))> {
+            a: usize,
+            expert: (usize, usize, usize),
+            left: &'a [AtomicUsize],
+            ready: &'a [AtomicBool],
+            finish: &'a F,
+        }
+        impl<F: Fn((usize, usize, usize))> Drop for Done<'_, F> {
+            fn drop(&mut self) {
+                if self.left[self.a].fetch_sub(1, Ordering::AcqRel) == 1 {
+                    if !std::thread::panicking() {
+                        (self.finish)(self.expert);
+                    }
+                    self.ready[self.a].store(true, Ordering::Release);
+                }
+            }
+        }
+        let tasks: Vec<usize> = gu.iter().zip(&dn).map(|(&(_, g), &(_, d))| (g + d) * active.len()).collect();
+        self.pool.parallel_for_nodes(&tasks, |ctx, task| {
+            let shard = &self.shards[ctx.node];
+            let ((gper, gn), (dper, dnn)) = (gu[ctx.node], dn[ctx.node]);
+            let n_gu = gn * active.len();
+            if task < n_gu {
+                let (a, g) = (task / gn, task % gn);
+                let _done = Done { a, expert: active[a], left: &left, ready: &ready, finish: &finish };
+                gate_up(shard, active[a], g * gper..((g + 1) * gper).min(shard.gu.len()));
+            } else {
+                let (a, g) = ((task - n_gu) / dnn, (task - n_gu) % dnn);
+                while !ready[a].load(Ordering::Acquire) {
+                    std::hint::spin_loop();
+                }
+                down(shard, active[a], g * dper..((g + 1) * dper).min(shard.dn.len()));
+            }
         });
     }
 }
@@ -969,6 +1111,38 @@ mod tests {
         // Node splits change who computes a block, not what it computes.
         for r in &results[1..] {
             assert_eq!(r, &results[0]);
+        }
+    }
+
+    /// One dispatch with per-expert readiness (decode-sized batches) computes
+    /// exactly what the two phases with a barrier compute: a forward nested on a
+    /// pool worker takes the two-phase path, so compare it with a plain call, on
+    /// one and two nodes, for f32 and int8 activations, below and above the
+    /// fused-batch limit.
+    #[test]
+    fn fused_phases_equal_two_phases() {
+        let (h, i, n, k) = (96, 64, 8, 3);
+        let ex = experts(n, h, i);
+        for (nodes, cores) in [(1, 3), (2, 2)] {
+            for (weight, int8) in [(MoeWeight::Keep, false), (MoeWeight::Int4, true)] {
+                let opts = ExpertsOptions { weight, int8_activations: int8, ..Default::default() };
+                let pool = pool(nodes, cores);
+                let layer = CpuExperts::new(pool.clone(), ex.clone(), h, i, &opts, |_| {}).unwrap();
+                for m in [1, 5, FUSED_MAX_TOKENS + 6] {
+                    let hidden: Vec<f32> = (0..m * h).map(|v| ((v * 37 % 101) as f32 / 50.0) - 1.0).collect();
+                    let topk = routing(m, n, k);
+                    let mut fused = vec![f32::NAN; m * h];
+                    layer.forward(&hidden, &topk, &mut fused).unwrap();
+                    let nested = std::sync::Mutex::new(vec![f32::NAN; m * h]);
+                    pool.parallel_for(1, |_, _| {
+                        let mut out = nested.lock().unwrap();
+                        layer.forward(&hidden, &topk, &mut out).unwrap();
+                    });
+                    let nested = nested.into_inner().unwrap();
+                    assert!(fused.iter().all(|v| v.is_finite()));
+                    assert_eq!(fused, nested, "{nodes}x{cores} {weight:?} int8 {int8} m {m}");
+                }
+            }
         }
     }
 

@@ -3,36 +3,48 @@
 //! The GPU computes the router and its top-k, then, per MoE layer whose experts
 //! live on the CPU:
 //!
-//! 1. `router_topk_handoff` (the router's softmax top-k, fused with the copy)
-//!    writes the expert ids and weights and the normed hidden states into a
-//!    pinned, device-mapped host region ([`Handoff`]) and clears the `done` flag;
-//! 2. `cuStreamWriteValue32` rings the doorbell with the layer's tag (it fences
-//!    the stream's earlier writes, so the data is visible before the tag);
-//! 3. `cuStreamWaitValue32` holds the stream until `done == tag`;
-//! 4. after it, `add_from_host` adds the CPU's weighted expert sum, read straight
-//!    from the mapped region, to the residual.
+//! 1. `router_fused` (the router's logits and softmax top-k, fused with the
+//!    copy) writes the expert ids and weights and the normed hidden states into
+//!    a pinned, device-mapped host region ([`Handoff`]) and clears the `done`
+//!    flag;
+//! 2. the doorbell rings with the layer's tag, after those writes;
+//! 3. the GPU waits until `done == tag`;
+//! 4. then it adds the CPU's weighted expert sum, read straight from the mapped
+//!    region (uncached loads), to the residual, fused with the next RMSNorm
+//!    (`add_rmsnorm`).
+//!
+//! Two ways to signal ([`Signal`]), both plain stream work that a CUDA graph
+//! captures:
+//! - [`Signal::Kernels`] (the default): `router_fused`'s last block rings the
+//!   doorbell itself (after a system-scope fence), and `add_rmsnorm` polls the
+//!   `done` word before reading the result;
+//! - [`Signal::StreamMemOps`]: `cuStreamWriteValue32` rings the doorbell and
+//!   `cuStreamWaitValue32` holds the stream until `done == tag`.
+//!
+//! Both cost ~9 µs per layer when the host answers at once, but a stream wait
+//! that has been pending for a whole expert computation (hundreds of µs) is
+//! noticed late, while a polling kernel sees the flag within ~1 µs;
+//! [`measure_handoff`] measures both, with and without a CPU delay.
 //!
 //! On the host, [`Handoff::serve`] spins on the doorbell, clears it, runs
 //! [`CpuExperts::forward`] on the pool from and into the mapped region, and
-//! writes `done = tag` (release). All four GPU steps are ordinary stream work, so
-//! a decode step with its handoffs is captured once as a CUDA graph and
-//! replayed; the host thread that launched the graph then serves the layers in
-//! order. Tags are constants (decoder layer index + 1), which is what a graph can
-//! hold; `done` is cleared by the GPU before each doorbell, so a stale tag from
-//! the previous step can never release a wait early.
+//! writes `done = tag` (release). A decode step with its handoffs is captured
+//! once as a CUDA graph and replayed; the host thread that launched the graph
+//! then serves the layers in order. Tags are constants (decoder layer index +
+//! 1), which is what a graph can hold; `done` is cleared by the GPU before each
+//! doorbell, so a stale tag from the previous step can never release a wait
+//! early.
 //!
 //! The host never waits forever: while spinning it polls the stream, and a
 //! stream that failed or went idle without ringing is an error. When the experts
 //! fail, the layer is still completed (zero output) so the GPU is never left
-//! waiting, and the error is returned.
-//!
-//! [`measure_handoff`] times the handoff alone (empty CPU work), eager and
-//! inside a captured graph.
+//! waiting, and the error is returned. A polling kernel gives up (traps) after
+//! a minute without an answer.
 
 use std::sync::atomic::{fence, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use lvllm_kernels_cuda::{Gpu, MappedHost};
+use lvllm_kernels_cuda::{Gpu, MappedHost, RouterHandoff};
 
 use crate::{CpuExperts, Error, Result, TopK};
 
@@ -45,11 +57,22 @@ const DONE: usize = 64;
 const N_TOKENS: usize = 128;
 const DATA: usize = 192;
 
+/// How the GPU rings the host and waits for it (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Signal {
+    /// The router kernel rings the doorbell; the next kernel polls `done`.
+    #[default]
+    Kernels,
+    /// `cuStreamWriteValue32` / `cuStreamWaitValue32` on the stream.
+    StreamMemOps,
+}
+
 /// The mapped region of one model's hybrid MoE layers (one handoff in flight at
 /// a time: layers run in order on one stream).
 #[derive(Debug)]
 pub struct Handoff {
     mem: MappedHost,
+    signal: Signal,
     hidden: usize,
     k: usize,
     max_tokens: usize,
@@ -73,15 +96,19 @@ fn align64(n: usize) -> usize {
 
 impl Handoff {
     /// A region for up to `max_tokens` tokens of width `hidden` with `k` experts
-    /// each, after checking that this device runs stream memory operations on
-    /// mapped memory (a write is enqueued and read back).
-    pub fn new(gpu: &Gpu, hidden: usize, k: usize, max_tokens: usize) -> Result<Self> {
+    /// each. With [`Signal::StreamMemOps`] it first checks that this device runs
+    /// stream memory operations on mapped memory (a write is enqueued and read
+    /// back).
+    pub fn new(gpu: &Gpu, hidden: usize, k: usize, max_tokens: usize, signal: Signal) -> Result<Self> {
         let ids_off = DATA + align64(max_tokens * hidden * 4);
         let w_off = ids_off + align64(max_tokens * k * 4);
         let out_off = w_off + align64(max_tokens * k * 4);
         let bytes = out_off + align64(max_tokens * hidden * 4);
         let mem = gpu.alloc_mapped(bytes).map_err(gpu_err)?;
-        let h = Handoff { mem, hidden, k, max_tokens, ids_off, w_off, out_off };
+        let h = Handoff { mem, signal, hidden, k, max_tokens, ids_off, w_off, out_off };
+        if signal == Signal::Kernels {
+            return Ok(h);
+        }
         // SAFETY: DONE is a 4-byte aligned word of the mapped region.
         unsafe { gpu.write_value32(h.dev(DONE), 0x5eed) }.map_err(gpu_err)?;
         gpu.synchronize().map_err(gpu_err)?;
@@ -114,41 +141,58 @@ impl Handoff {
         self.dev(self.out_off)
     }
 
-    /// GPU side: queues the router's top-k over `logits` fused with the copy of
-    /// `a` into the region, the doorbell `tag` and the wait for `done == tag`.
+    /// How this region signals.
+    pub fn signal(&self) -> Signal {
+        self.signal
+    }
+
+    /// GPU side: queues the router (logits of `a` against `router_w` into the
+    /// device scratch `logits`, then top-k) fused with the copy of `a` into the
+    /// region, and the doorbell `tag`. Returns what the kernel that consumes the
+    /// result ([`Handoff::out_dev_ptr`]) must wait for: `Some((done, tag))` for
+    /// [`Signal::Kernels`] (pass it to `add_rmsnorm`), `None` when the stream
+    /// itself was told to wait ([`Signal::StreamMemOps`]).
     ///
     /// # Safety
-    /// `a` holds `n × hidden` f32 and `logits` `n × n_experts` f32 on this GPU;
-    /// `tag` is non-zero; a host thread will [`Handoff::serve`] this tag after the
-    /// stream reaches it.
+    /// `a` holds `n × hidden` f32, `router_w` `n_experts × hidden` bf16 and
+    /// `logits` room for `n × n_experts` f32 on this GPU; `tag` is non-zero; a
+    /// host thread will [`Handoff::serve`] this tag after the stream reaches it.
     pub unsafe fn enqueue(
         &self,
         gpu: &Gpu,
         tag: u32,
         a: u64,
-        logits: u64,
+        (router_w, logits): (u64, u64),
         (n, n_experts, renormalize): (usize, usize, bool),
-    ) -> Result<()> {
+    ) -> Result<Option<(u64, u32)>> {
         if n > self.max_tokens || tag == 0 {
             return Err(Error::Input(format!("handoff of {n} tokens with tag {tag} (max {})", self.max_tokens)));
         }
-        let dst = [self.dev(self.ids_off), self.dev(self.w_off), self.dev(DATA)];
+        let kernels = self.signal == Signal::Kernels;
+        let dst = RouterHandoff {
+            hidden: self.dev(DATA),
+            done: self.dev(DONE),
+            n_tokens: self.dev(N_TOKENS),
+            doorbell: kernels.then_some((self.dev(DOORBELL), tag)),
+        };
         // SAFETY: the destinations hold max_tokens ≥ n rows; the flags are
         // aligned words of the region; the caller guarantees the sources.
         unsafe {
-            gpu.router_topk_handoff(
-                logits,
-                a,
+            gpu.router_fused(
+                (a, router_w, logits),
                 (n, n_experts, self.k, renormalize),
                 self.hidden,
-                dst,
-                self.dev(DONE),
-                self.dev(N_TOKENS),
+                (self.dev(self.ids_off), self.dev(self.w_off)),
+                Some(dst),
             )
             .map_err(gpu_err)?;
+            if kernels {
+                return Ok(Some((self.dev(DONE), tag)));
+            }
             gpu.write_value32(self.dev(DOORBELL), tag).map_err(gpu_err)?;
-            gpu.wait_value32(self.dev(DONE), tag).map_err(gpu_err)
+            gpu.wait_value32(self.dev(DONE), tag).map_err(gpu_err)?;
         }
+        Ok(None)
     }
 
     /// Host side: waits for the doorbell `tag`, computes the routed experts
@@ -159,6 +203,23 @@ impl Handoff {
         &self,
         tag: u32,
         experts: Option<&CpuExperts>,
+        gpu_busy: &mut dyn FnMut() -> Result<bool>,
+    ) -> Result<ServeTiming> {
+        self.serve_with(
+            tag,
+            &mut |h| match experts {
+                Some(ex) => h.compute(ex),
+                None => Ok(()),
+            },
+            gpu_busy,
+        )
+    }
+
+    /// [`Handoff::serve`] with the host's work given as `work(self)`.
+    fn serve_with(
+        &self,
+        tag: u32,
+        work: &mut dyn FnMut(&Self) -> Result<()>,
         gpu_busy: &mut dyn FnMut() -> Result<bool>,
     ) -> Result<ServeTiming> {
         let t0 = Instant::now();
@@ -183,10 +244,7 @@ impl Handoff {
         }
         bell.store(0, Ordering::Relaxed);
         let t1 = Instant::now();
-        let result = match experts {
-            Some(ex) => self.compute(ex),
-            None => Ok(()),
-        };
+        let result = work(self);
         if result.is_err() {
             let n = self.tokens().min(self.max_tokens);
             // SAFETY: the GPU reads `out` only after `done`; see `compute`.
@@ -226,15 +284,17 @@ impl Handoff {
     }
 }
 
-/// The handoff measured alone (empty CPU work).
+/// The handoff measured alone.
 #[derive(Debug, Clone, Copy)]
 pub struct HandoffProbe {
     /// Layers per step.
     pub layers: usize,
-    /// µs per layer of the baseline step (the router's top-k kernel alone).
+    /// µs per layer of the baseline step (the fused router kernel and an
+    /// add+norm kernel, as an all-GPU layer runs them in its place).
     pub base_us: f64,
-    /// µs per layer with the handoff instead (top-k fused with the copy to the
-    /// host, doorbell, wait, add of the host's result).
+    /// µs per layer with the handoff instead (the router fused with the copy to
+    /// the host, doorbell, host answer, wait, add+norm of the host's result),
+    /// the host's simulated expert time excluded.
     pub with_handoff_us: f64,
     /// Whether the steps ran as CUDA graphs.
     pub graph: bool,
@@ -248,38 +308,62 @@ impl HandoffProbe {
 }
 
 /// Times `layers` handoffs of one token of width `hidden` routed to `k` of
-/// `n_experts`, with the host serving each at once (no expert work), against the
-/// same step with only the router's top-k kernel per layer (what an all-GPU
-/// layer runs in its place); best of `reps` steps, eager or as a captured graph.
+/// `n_experts`, signalled by `signal`, with the host answering each after
+/// spinning `cpu_us` µs (0: at once, the handoff alone; a few hundred: as
+/// after a real expert computation), against the same step without handoffs
+/// (the fused router and add+norm kernels per layer); best of `reps` steps,
+/// eager or as a captured graph.
 pub fn measure_handoff(
     gpu: &Gpu,
     (hidden, n_experts, k): (usize, usize, usize),
     layers: usize,
-    reps: usize,
-    graph: bool,
+    (reps, graph): (usize, bool),
+    signal: Signal,
+    cpu_us: u64,
 ) -> Result<HandoffProbe> {
-    let hf = Handoff::new(gpu, hidden, k, 1)?;
+    let hf = Handoff::new(gpu, hidden, k, 1, signal)?;
     let x = gpu.alloc::<f32>(hidden).map_err(gpu_err)?;
     let a = gpu.alloc::<f32>(hidden).map_err(gpu_err)?;
+    let norm = gpu.upload(&vec![1f32; hidden]).map_err(gpu_err)?;
     let logits = gpu.alloc::<f32>(n_experts).map_err(gpu_err)?;
+    let router = gpu.alloc::<u16>(n_experts * hidden).map_err(gpu_err)?;
     let topi = gpu.alloc::<i32>(k).map_err(gpu_err)?;
     let topw = gpu.alloc::<f32>(k).map_err(gpu_err)?;
-    let (px, pa, pl) = (gpu.ptr(&x), gpu.ptr(&a), gpu.ptr(&logits));
+    let (px, pa, pl, pr, pn) = (gpu.ptr(&x), gpu.ptr(&a), gpu.ptr(&logits), gpu.ptr(&router), gpu.ptr(&norm));
     let mut busy = || gpu.stream_busy().map_err(gpu_err);
+    let delay = Duration::from_micros(cpu_us);
+    let serve = |tag: u32, busy: &mut dyn FnMut() -> Result<bool>| -> Result<()> {
+        hf.serve_with(
+            tag,
+            &mut |_| {
+                let t = Instant::now();
+                while t.elapsed() < delay {
+                    std::hint::spin_loop();
+                }
+                Ok(())
+            },
+            busy,
+        )
+        .map(|_| ())
+    };
     let mut time = |with: bool| -> Result<f64> {
-        let enqueue = |serve: bool, busy: &mut dyn FnMut() -> Result<bool>| -> Result<()> {
+        let enqueue = |inline: bool, busy: &mut dyn FnMut() -> Result<bool>| -> Result<()> {
             for l in 0..layers {
-                // SAFETY: all buffers hold `hidden` (or `k`) values; the tag is
-                // served below (inline when eager, after launch for a graph).
+                let tag = l as u32 + 1;
+                // SAFETY: all buffers hold `hidden` (or `k`, `n_experts`) values;
+                // the tag is served below (inline when eager, after launch for a
+                // graph).
                 unsafe {
                     if with {
-                        hf.enqueue(gpu, l as u32 + 1, pa, pl, (1, n_experts, true))?;
-                        if serve {
-                            hf.serve(l as u32 + 1, None, busy)?;
+                        let wait = hf.enqueue(gpu, tag, pa, (pr, pl), (1, n_experts, true))?;
+                        if inline {
+                            serve(tag, busy)?;
                         }
-                        gpu.add_from_host(px, hf.out_dev_ptr(), hidden).map_err(gpu_err)?;
+                        gpu.add_rmsnorm(px, hf.out_dev_ptr(), true, pn, pa, 1, hidden, 1e-6, wait).map_err(gpu_err)?;
                     } else {
-                        gpu.router_topk(pl, 1, n_experts, k, true, gpu.ptr(&topi), gpu.ptr(&topw)).map_err(gpu_err)?;
+                        let dst = (gpu.ptr(&topi), gpu.ptr(&topw));
+                        gpu.router_fused((pa, pr, pl), (1, n_experts, k, true), hidden, dst, None).map_err(gpu_err)?;
+                        gpu.add_rmsnorm(px, pa, false, pn, pa, 1, hidden, 1e-6, None).map_err(gpu_err)?;
                     }
                 }
             }
@@ -302,7 +386,7 @@ pub fn measure_handoff(
                     g.launch().map_err(|e| Error::Gpu(format!("graph launch: {e:?}")))?;
                     if with {
                         for l in 0..layers {
-                            hf.serve(l as u32 + 1, None, &mut busy)?;
+                            serve(l as u32 + 1, &mut busy)?;
                         }
                     }
                 }
@@ -314,6 +398,6 @@ pub fn measure_handoff(
         Ok(best * 1e6 / layers as f64)
     };
     let base_us = time(false)?;
-    let with_handoff_us = time(true)?;
+    let with_handoff_us = time(true)? - cpu_us as f64;
     Ok(HandoffProbe { layers, base_us, with_handoff_us, graph })
 }

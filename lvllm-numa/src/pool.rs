@@ -441,6 +441,12 @@ impl Pool {
         self.run(&f, Mode::Global);
     }
 
+    /// Whether the calling thread is one of this pool's workers (a parallel call
+    /// from it runs its tasks inline, node after node).
+    pub fn is_worker_thread(&self) -> bool {
+        self.current_worker().is_some()
+    }
+
     /// The context of the calling thread if it is one of this pool's workers.
     fn current_worker(&self) -> Option<WorkerCtx> {
         let me = Arc::as_ptr(&self.shared) as usize;

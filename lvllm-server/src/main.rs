@@ -50,8 +50,10 @@ struct BenchArgs {
     /// Single-sequence prefill lengths to time, comma-separated.
     #[arg(long, value_delimiter = ',')]
     prefill_lens: Vec<usize>,
-    /// MiB read by the CPU bandwidth probe (0 skips it).
-    #[arg(long, default_value_t = 1024)]
+    /// MiB read by the CPU bandwidth probe (0 skips it). The default, 8 GiB, is
+    /// far larger than any last-level cache (servers have up to ~0.5 GB), so the
+    /// probe measures DRAM as the experts' tens of GB are read.
+    #[arg(long, default_value_t = 8192)]
     probe_mib: usize,
 }
 
