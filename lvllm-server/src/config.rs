@@ -498,8 +498,9 @@ fn resolve(key: &str) -> Option<&'static str> {
         return Some(s.key);
     }
     let head = key.split('.').next().unwrap_or(key);
-    if head == "compilation-config" && key.contains('.') {
-        // Unknown compilation_config sub-keys are vLLM tuning knobs.
+    if head == "compilation-config" {
+        // Other compilation_config sub-keys, or a bare level (`compilation_config: 3`),
+        // are vLLM tuning knobs.
         return Some("compilation-config.mode");
     }
     GROUPS.iter().find(|g| **g == head && **g != "compilation-config").copied()
@@ -878,7 +879,7 @@ impl ServeConfig {
             }
             if let Some((_, why)) = IGNORED.iter().find(|(k, _)| k == key) {
                 warnings.push(format!("`{}` ({}) is ignored: {why}", g.spelled, g.origin));
-            } else if key.starts_with("compilation-config.") && key != "compilation-config.cudagraph-mode" {
+            } else if head == "compilation-config" && key != "compilation-config.cudagraph-mode" {
                 warnings.push(format!("`{}` ({}) is ignored: not a setting of lvllm", g.spelled, g.origin));
             }
         }

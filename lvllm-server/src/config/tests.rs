@@ -136,6 +136,8 @@ fn dotted_and_nested_keys() {
     // Other compilation_config knobs are vLLM tuning: a warning each.
     let c = from_yaml("compilation_config:\n  level: 3\n").expect("valid");
     assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+    let c = from_yaml("compilation_config: 3").expect("valid");
+    assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
 }
 
 #[test]

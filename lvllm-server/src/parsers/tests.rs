@@ -387,6 +387,25 @@ fn reasoning_then_tool_calls() {
 }
 
 #[test]
+fn glm47_thinking_prompt_then_tool_call() {
+    // GLM-4.7's template ends the prompt with `<|assistant|><think>`.
+    let start = ReasoningStart::from_prompt("[gMASK]<sop><|user|>weather?<|assistant|><think>");
+    assert_eq!(start, ReasoningStart::InReasoning);
+    let make = move || {
+        OutputParser::new(
+            Some(ReasoningParser::new(ReasoningParserKind::Glm45, start)),
+            Some(tool_parser(ToolParserKind::Glm47)),
+        )
+    };
+    let text =
+        "Need the tool.</think><tool_call>get_weather<arg_key>city</arg_key><arg_value>Xi'an</arg_value></tool_call>";
+    let out = check_splits(&make, text);
+    assert_eq!(out.reasoning_content.as_deref(), Some("Need the tool."));
+    assert_eq!(out.content, None);
+    assert_eq!(args(&out, 0), json!({"city": "Xi'an"}));
+}
+
+#[test]
 fn names_and_errors() {
     assert_eq!(ToolParserKind::from_name("qwen3_coder"), Ok(ToolParserKind::Qwen3Coder));
     assert_eq!(ToolParserKind::from_name("GLM47"), Ok(ToolParserKind::Glm47));
@@ -427,4 +446,74 @@ fn tool_call_serializes_as_openai() {
 fn no_parsers_is_all_content() {
     let out = check_splits(&|| OutputParser::new(None, None), "<think>x</think> <tool_call>");
     assert_eq!(out.content.as_deref(), Some("<think>x</think> <tool_call>"));
+}
+
+/// Random texts made of marker pieces: every parser must give the same result
+/// for every split, whatever the text (malformed ones included).
+#[test]
+fn random_marker_soup_streams_like_whole() {
+    const PIECES: &[&str] = &[
+        "<tool_call>",
+        "</tool_call>",
+        "<function=get_weather>",
+        "<function=",
+        "</function>",
+        "<parameter=city>",
+        "<parameter=days>",
+        "</parameter>",
+        "<arg_key>",
+        "city",
+        "</arg_key>",
+        "<arg_value>",
+        "</arg_value>",
+        "<minimax:tool_call>",
+        "</minimax:tool_call>",
+        "<invoke name=\"get_weather\">",
+        "</invoke>",
+        "<parameter name=\"days\">",
+        "<|tool_calls_section_begin|>",
+        "<|tool_call_begin|>",
+        "functions.f:0",
+        "<|tool_call_argument_begin|>",
+        "{\"a\": 1}",
+        "<|tool_call_end|>",
+        "<|tool_calls_section_end|>",
+        "<think>",
+        "</think>",
+        "\n",
+        " ",
+        "<",
+        ">",
+        "x",
+        "7",
+        "é",
+        "🌸",
+        "null",
+        "get_weather",
+    ];
+    let mut lcg = 99u64;
+    let mut next = |n: usize| {
+        lcg = lcg.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (lcg >> 33) as usize % n
+    };
+    let reasoning_kinds = ReasoningParserKind::ALL;
+    for round in 0..120 {
+        let len = 1 + next(24);
+        let text: String = (0..len).map(|_| PIECES[next(PIECES.len())]).collect();
+        let (_, tool_kind) = ToolParserKind::ALL[round % ToolParserKind::ALL.len()];
+        let (_, r_kind) = reasoning_kinds[round % reasoning_kinds.len()];
+        let start = [ReasoningStart::Auto, ReasoningStart::InReasoning, ReasoningStart::InContent][round % 3];
+        check_splits(&tools_only(tool_kind), &text);
+        check_splits(&reasoning_only(r_kind, start), &text);
+        let make = move || OutputParser::new(Some(ReasoningParser::new(r_kind, start)), Some(tool_parser(tool_kind)));
+        let out = check_splits(&make, &text);
+        for call in &out.tool_calls {
+            if tool_kind != ToolParserKind::KimiK2 {
+                // Built arguments are always valid JSON objects (Kimi's are the model's text).
+                let v: Value = serde_json::from_str(&call.function.arguments)
+                    .unwrap_or_else(|e| panic!("{e}: {:?} from {text:?}", call.function.arguments));
+                assert!(v.is_object());
+            }
+        }
+    }
 }
