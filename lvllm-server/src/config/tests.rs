@@ -98,8 +98,8 @@ fn precedence_cli_over_env_over_file_over_default() {
     assert_eq!((c.threads, c.moe_weight), (Some(10), MoeWeight::Keep));
     let c = ServeConfig::from_sources(None, NO_ENV, &CliArgs::default()).expect("valid");
     assert_eq!((c.threads, c.moe_weight, c.port), (None, MoeWeight::ToDtype, 8000));
-    // A lower source's bad value is still an error, even when a higher one overrides it? No:
-    // only the winning value is typed, so a CLI flag can fix a bad file value.
+    // Only the winning value is typed, so a flag can override a bad file value
+    // (unknown keys are errors in every source).
     let c = ServeConfig::from_sources(Some("port: nope"), NO_ENV, &cli(&["--port=1234"])).expect("overridden");
     assert_eq!(c.port, 1234);
 }
