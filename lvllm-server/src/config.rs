@@ -22,6 +22,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 
+use lvllm_engine::{Binding, LayerSet, LoadFormat, MoePlacement, MoeWeight};
 use yaml_rust2::{Yaml, YamlLoader};
 
 use crate::parsers::{ReasoningParserKind, ToolParserKind};
@@ -116,40 +117,6 @@ impl fmt::Display for Origin {
     }
 }
 
-/// Where the routed experts live (`moe-placement`, seed `LVLLM_MOE_NUMA_ENABLED`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum MoePlacement {
-    /// All experts on the GPU when the model fits the VRAM budget, else hybrid.
-    #[default]
-    Auto,
-    /// Experts in CPU RAM, computed by the CPU (seed env `1`).
-    Hybrid,
-    /// All experts on the GPU; an error if they do not fit (seed env `0`).
-    Gpu,
-}
-
-/// How expert worker threads are pinned (`thread-binding`, seed `LK_THREAD_BINDING`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum ThreadBinding {
-    /// One worker per physical core (`CPU_CORE`).
-    #[default]
-    CpuCore,
-    /// Workers float within their NUMA node (`NUMA_NODE`).
-    NumaNode,
-}
-
-/// Runtime format of routed experts (`moe-weight`, seed `LVLLM_MOE_USE_WEIGHT`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum MoeWeight {
-    /// Dequantize quantized checkpoints to `dtype` (`TO_DTYPE`).
-    #[default]
-    ToDtype,
-    /// Keep the checkpoint's format (`KEEP`).
-    Keep,
-    /// Quantize to symmetric int4 at load (`INT4`).
-    Int4,
-}
-
 /// Compute dtype of the dense parts (`dtype`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Dtype {
@@ -162,18 +129,6 @@ pub enum Dtype {
     Float16,
 }
 
-/// How weights are loaded (`load-format`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum LoadFormat {
-    /// Safetensors from the model directory.
-    #[default]
-    Auto,
-    /// Safetensors (same as `auto`).
-    Safetensors,
-    /// Random weights of the model's shapes, for benchmarks.
-    Dummy,
-}
-
 /// CUDA-graph use (`compilation_config.cudagraph_mode`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum CudaGraphMode {
@@ -182,42 +137,6 @@ pub enum CudaGraphMode {
     FullDecodeOnly,
     /// No graphs: every step runs eagerly.
     None,
-}
-
-/// A set of decoder-layer indices, written `0-5`, `0,1,8-9` or empty.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct LayerSet(Vec<usize>);
-
-impl LayerSet {
-    /// Parses `0-5`, `0,1,8-9`, or an empty string (no layers).
-    pub fn parse(text: &str) -> Option<LayerSet> {
-        let mut layers = Vec::new();
-        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            match part.split_once('-') {
-                Some((a, b)) => {
-                    let (a, b) = (a.trim().parse::<usize>().ok()?, b.trim().parse::<usize>().ok()?);
-                    if a > b || b - a > 100_000 {
-                        return None;
-                    }
-                    layers.extend(a..=b);
-                }
-                None => layers.push(part.parse().ok()?),
-            }
-        }
-        layers.sort_unstable();
-        layers.dedup();
-        Some(LayerSet(layers))
-    }
-
-    /// The layer indices, sorted, without duplicates.
-    pub fn layers(&self) -> &[usize] {
-        &self.0
-    }
-
-    /// True when no layer is in the set.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
 }
 
 /// The typed server configuration. Field docs give the key; [`SETTINGS`] gives
@@ -267,7 +186,7 @@ pub struct ServeConfig {
     /// `moe-placement`.
     pub moe_placement: MoePlacement,
     /// `thread-binding`.
-    pub thread_binding: ThreadBinding,
+    pub thread_binding: Binding,
     /// `threads`: expert worker threads (default: physical cores − 4, ÷ GPU processes).
     pub threads: Option<usize>,
     /// `moe-weight`.
@@ -410,7 +329,7 @@ pub const SETTINGS: &[Setting] = &[
         Some("LVLLM_GPU_RESIDENT_MOE_LAYERS"),
         K::Layers,
         "empty",
-        "decoder layers whose experts stay in VRAM (`0-5`, `0,1,8-9`); not built yet",
+        "hybrid placement: decoder layers whose experts stay in VRAM (`0-5`, `0,1,8-9`; absolute indices)",
     ),
     s(
         "gpu-prefetch-window",
@@ -464,7 +383,6 @@ pub const NOT_BUILT: &[(&str, &str)] = &[
     ("kv-cache-dtype", "an fp8 KV cache is not built; it would change memory use and results (use auto)"),
     ("speculative-config", "speculative decoding is not built; remove the setting"),
     ("hf-overrides", "overriding the model's config.json is not built; edit config.json instead"),
-    ("gpu-resident-moe-layers", "GPU-resident expert layers are not built; leave it empty"),
     ("gpu-prefill-min-tokens", "GPU prefill is not built; set 0"),
     ("numa-interleave", "NUMA-interleaved loading is not built; set false (memory is placed per node)"),
 ];
@@ -921,15 +839,12 @@ impl ServeConfig {
         }
 
         let gpu_resident_moe_layers = match m.get("gpu-resident-moe-layers") {
-            None => LayerSet::default(),
-            Some(g) => LayerSet::parse(&g.value)
-                .ok_or_else(|| Merged::invalid(g, "layer indices such as `0-5`, `0,1,8-9`, or empty"))?,
+            None => LayerSet::empty(),
+            Some(g) => g
+                .value
+                .parse::<LayerSet>()
+                .map_err(|_| Merged::invalid(g, "layer indices such as `0-5`, `0,1,8-9`, or empty"))?,
         };
-        if !gpu_resident_moe_layers.is_empty() {
-            if let Some(g) = m.get("gpu-resident-moe-layers") {
-                return Err(not_built(g, "gpu-resident-moe-layers"));
-            }
-        }
         let gpu_prefill_min_tokens = m.int("gpu-prefill-min-tokens")?.unwrap_or(0);
         if gpu_prefill_min_tokens > 0 {
             if let Some(g) = m.get("gpu-prefill-min-tokens") {
@@ -1059,7 +974,7 @@ impl ServeConfig {
             load_format: m.choice(
                 "load-format",
                 LoadFormat::Auto,
-                &[("auto", LoadFormat::Auto), ("safetensors", LoadFormat::Safetensors), ("dummy", LoadFormat::Dummy)],
+                &[("auto", LoadFormat::Auto), ("safetensors", LoadFormat::Auto), ("dummy", LoadFormat::Dummy)],
             )?,
             moe_placement: m.choice(
                 "moe-placement",
@@ -1068,8 +983,8 @@ impl ServeConfig {
             )?,
             thread_binding: m.choice(
                 "thread-binding",
-                ThreadBinding::CpuCore,
-                &[("cpu_core", ThreadBinding::CpuCore), ("numa_node", ThreadBinding::NumaNode)],
+                Binding::CpuCore,
+                &[("cpu_core", Binding::CpuCore), ("numa_node", Binding::NumaNode)],
             )?,
             threads: m.positive("threads")?,
             moe_weight: m.choice(
@@ -1114,10 +1029,10 @@ impl Default for ServeConfig {
             chat_template: None,
             load_format: LoadFormat::Auto,
             moe_placement: MoePlacement::Auto,
-            thread_binding: ThreadBinding::CpuCore,
+            thread_binding: Binding::CpuCore,
             threads: None,
             moe_weight: MoeWeight::ToDtype,
-            gpu_resident_moe_layers: LayerSet::default(),
+            gpu_resident_moe_layers: LayerSet::empty(),
             gpu_prefetch_window: 1,
             gpu_prefill_min_tokens: 0,
             power_saving: false,
