@@ -8,6 +8,7 @@
 //! ```text
 //! cargo run --release -p lvllm-moe --example moe_pipeline_bench -- \
 //!     [--threads N] [--format bf16|int4] [--layers 48] [--gap-us 0] [--steps 8] [--m 1]
+//!     [--tasks-per-thread 16,8,4] [--probe-mib 8192]
 //! ```
 //! Weights are `CpuExperts::dummy` (Qwen3-30B-A3B layer shape); routing is
 //! uniform random.
@@ -22,6 +23,8 @@ use lvllm_numa::{bandwidth, Binding, Pool, PoolOptions, Topology};
 fn main() -> anyhow::Result<()> {
     let (mut threads, mut format, mut layers, mut gap_us, mut steps, mut m) =
         (None, "bf16".to_string(), 48, 0u64, 8, 1);
+    let mut tpts: Vec<usize> = vec![16];
+    let mut probe_mib = 8192usize;
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut val = || it.next().ok_or_else(|| anyhow::anyhow!("{flag} needs a value"));
@@ -32,6 +35,8 @@ fn main() -> anyhow::Result<()> {
             "--gap-us" => gap_us = val()?.parse()?,
             "--steps" => steps = val()?.parse()?,
             "--m" => m = val()?.parse()?,
+            "--probe-mib" => probe_mib = val()?.parse()?,
+            "--tasks-per-thread" => tpts = val()?.split(',').map(|v| v.parse()).collect::<Result<_, _>>()?,
             other => anyhow::bail!("unknown flag {other}"),
         }
     }
@@ -45,9 +50,10 @@ fn main() -> anyhow::Result<()> {
         &Topology::detect()?,
         PoolOptions { threads, binding: Binding::CpuCore, power_saving: false },
     )?);
-    let probe = bandwidth::probe(&pool, 1 << 30, 5)?;
+    // Far larger than any last-level cache, like `lvllm bench`'s probe.
+    let probe = bandwidth::probe(&pool, probe_mib << 20, 5)?;
     let t0 = Instant::now();
-    let experts: Vec<CpuExperts> = (0..layers)
+    let mut experts: Vec<CpuExperts> = (0..layers)
         .map(|l| CpuExperts::dummy(pool.clone(), n_experts, hidden, inter, wf, int8, l as u64 + 1))
         .collect::<Result<_, _>>()?;
     let fill = t0.elapsed();
@@ -69,42 +75,44 @@ fn main() -> anyhow::Result<()> {
     };
     let x: Vec<f32> = (0..m * hidden).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
     let mut out = vec![0f32; m * hidden];
-    let (mut busy, mut n, mut bytes) = (Duration::ZERO, 0usize, 0usize);
-    let start = Instant::now();
-    for step in 0..steps + 1 {
-        for layer in &experts {
-            let mut ids = Vec::with_capacity(m * topk);
-            for _ in 0..m {
-                let mut chosen: Vec<u32> = Vec::with_capacity(topk);
-                while chosen.len() < topk {
-                    let e = (next() % n_experts as u64) as u32;
-                    if !chosen.contains(&e) {
-                        chosen.push(e);
+    for &tpt in &tpts {
+        experts = experts.into_iter().map(|e| e.with_tasks_per_thread(tpt)).collect();
+        let (mut busy, mut n, mut bytes) = (Duration::ZERO, 0usize, 0usize);
+        let start = Instant::now();
+        for step in 0..steps + 1 {
+            for layer in &experts {
+                let mut ids = Vec::with_capacity(m * topk);
+                for _ in 0..m {
+                    let mut chosen: Vec<u32> = Vec::with_capacity(topk);
+                    while chosen.len() < topk {
+                        let e = (next() % n_experts as u64) as u32;
+                        if !chosen.contains(&e) {
+                            chosen.push(e);
+                        }
                     }
+                    ids.extend(chosen);
                 }
-                ids.extend(chosen);
-            }
-            let mut distinct = ids.clone();
-            distinct.sort_unstable();
-            distinct.dedup();
-            let route = TopK { k: topk, ids, weights: vec![1.0 / topk as f32; m * topk] };
-            let g = Instant::now();
-            while g.elapsed() < Duration::from_micros(gap_us) {
-                std::hint::spin_loop();
-            }
-            let t = Instant::now();
-            layer.forward(&x, &route, &mut out)?;
-            if step > 0 {
-                busy += t.elapsed();
-                n += 1;
-                bytes += distinct.len() * layer.expert_bytes();
+                let mut distinct = ids.clone();
+                distinct.sort_unstable();
+                distinct.dedup();
+                let route = TopK { k: topk, ids, weights: vec![1.0 / topk as f32; m * topk] };
+                let g = Instant::now();
+                while g.elapsed() < Duration::from_micros(gap_us) {
+                    std::hint::spin_loop();
+                }
+                let t = Instant::now();
+                layer.forward(&x, &route, &mut out)?;
+                if step > 0 {
+                    busy += t.elapsed();
+                    n += 1;
+                    bytes += distinct.len() * layer.expert_bytes();
+                }
             }
         }
-    }
-    let per_layer = busy.as_secs_f64() / n as f64;
-    let gbs = bytes as f64 / busy.as_secs_f64() / 1e9;
-    println!(
-        "{format} m={m} layers={layers} gap={gap_us}µs threads={}: {:.1} µs/layer, {:.1} MB/layer, {:.1} GB/s = {:.0}% of the probe's {:.1} GB/s (filled in {:.1} s, wall {:.1} s)",
+        let per_layer = busy.as_secs_f64() / n as f64;
+        let gbs = bytes as f64 / busy.as_secs_f64() / 1e9;
+        println!(
+        "{format} m={m} layers={layers} gap={gap_us}µs threads={} tasks/thread={tpt}: {:.1} µs/layer, {:.1} MB/layer, {:.1} GB/s = {:.0}% of the probe's {:.1} GB/s (filled in {:.1} s, wall {:.1} s)",
         pool.num_threads(),
         per_layer * 1e6,
         bytes as f64 / n as f64 / 1e6,
@@ -114,5 +122,6 @@ fn main() -> anyhow::Result<()> {
         fill.as_secs_f64(),
         start.elapsed().as_secs_f64()
     );
+    }
     Ok(())
 }

@@ -372,6 +372,8 @@ pub struct CpuExperts {
     dn_blocks: usize,
     /// Int8-activation group size when that path is on.
     int8_group: Option<usize>,
+    /// Tasks per thread the block grouping aims for.
+    tasks_per_thread: usize,
     scratch: Mutex<Scratch>,
 }
 
@@ -510,6 +512,7 @@ impl CpuExperts {
                 WeightFormat::Int4 { group } if opts.int8_activations && int8act::available() => Some(group),
                 _ => None,
             },
+            tasks_per_thread: TASKS_PER_THREAD,
             scratch: Mutex::new(Scratch::default()),
         })
     }
@@ -567,6 +570,7 @@ impl CpuExperts {
                 WeightFormat::Int4 { group } if int8_activations && int8act::available() => Some(group),
                 _ => None,
             },
+            tasks_per_thread: TASKS_PER_THREAD,
             scratch: Mutex::new(Scratch::default()),
         })
     }
@@ -584,6 +588,14 @@ impl CpuExperts {
     /// Whether the int4 × int8 (VNNI) kernel runs this layer.
     pub fn uses_int8_activations(&self) -> bool {
         self.int8_group.is_some()
+    }
+
+    /// Sets how many tasks per worker thread a phase's blocks are grouped into
+    /// (default 16, at least 1): fewer, longer tasks stream more bytes per task
+    /// start; more, shorter ones balance better. A tuning knob for benchmarks.
+    pub fn with_tasks_per_thread(mut self, n: usize) -> Self {
+        self.tasks_per_thread = n.max(1);
+        self
     }
 
     /// Bytes the kernels read for one expert (data + scales, all three projections).
@@ -798,7 +810,7 @@ impl CpuExperts {
             .map(|(n, shard)| {
                 let nb = node_blocks(shard);
                 let threads = self.pool.threads_on_node(n).max(1);
-                let want = (threads * TASKS_PER_THREAD).div_ceil(n_active.max(1));
+                let want = (threads * self.tasks_per_thread).div_ceil(n_active.max(1));
                 let per = nb.div_ceil(want.max(1)).clamp(1, MAX_BLOCKS_PER_TASK);
                 (per, nb.div_ceil(per))
             })
