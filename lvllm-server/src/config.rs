@@ -257,7 +257,7 @@ use SettingKind as K;
 pub const SETTINGS: &[Setting] = &[
     s("model", None, K::Text, "—", "model directory (HF safetensors); also the one positional argument"),
     s("host", None, K::Text, "127.0.0.1", "address to bind"),
-    s("port", None, K::Int, "8000", "port to bind"),
+    s("port", None, K::Int, "8000", "port to bind (0: any free port, printed at start)"),
     s("served-model-name", None, K::Text, "`model`", "model name in `/v1/models` and responses"),
     s("max-model-len", None, K::Int, "model's", "context limit in tokens; longer prompts are rejected"),
     s("max-num-seqs", None, K::Int, "engine's", "concurrent sequences"),
@@ -271,7 +271,13 @@ pub const SETTINGS: &[Setting] = &[
     s("pipeline-parallel-size", None, K::Int, "1", "pipeline stages; > 1 is not built yet"),
     s("data-parallel-size", None, K::Int, "1", "model replicas; > 1 is not built yet"),
     s("enable-expert-parallel", None, K::Bool, "false", "expert parallelism; `true` is not built yet"),
-    s("tool-call-parser", None, K::Choice, "none", "`qwen3_coder` · `glm45` · `glm47` · `minimax_m2` · `kimi_k2`"),
+    s(
+        "tool-call-parser",
+        None,
+        K::Choice,
+        "none",
+        "`qwen3_coder` · `glm45` · `glm47` · `minimax_m2` · `kimi_k2` · `hermes` (Qwen3-MoE)",
+    ),
     s(
         "reasoning-parser",
         None,
@@ -909,8 +915,7 @@ impl ServeConfig {
                 .trim()
                 .parse::<u16>()
                 .ok()
-                .filter(|p| *p > 0)
-                .ok_or_else(|| Merged::invalid(g, "a port 1-65535"))?,
+                .ok_or_else(|| Merged::invalid(g, "a port 0-65535 (0: any free port)"))?,
         };
         let tool_call_parser = match m.get("tool-call-parser") {
             None => None,

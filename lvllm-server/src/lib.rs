@@ -11,3 +11,5 @@ pub mod bundled;
 pub mod config;
 /// Tool-call and reasoning parsers turning model text into OpenAI fields.
 pub mod parsers;
+/// The OpenAI-compatible HTTP server (`lvllm serve`).
+pub mod server;

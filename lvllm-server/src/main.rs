@@ -32,6 +32,14 @@ enum Command {
     Generate(GenerateArgs),
     /// Measure prefill and decode tokens/s next to the bandwidth-bound limit.
     Bench(BenchArgs),
+    /// Serve the OpenAI-compatible API. Takes `--config config.yaml` and the
+    /// same keys as flags (`--port 8000`, `--tool-call-parser hermes`, ...);
+    /// see lvllm-server/CONFIG.md. With no model it serves the bundled one.
+    Serve {
+        /// Settings as `--key value` / `--key=value` / `--flag`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+        args: Vec<String>,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -199,6 +207,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate(args),
         Command::Bench(args) => bench(args),
+        Command::Serve { args } => serve(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -245,6 +254,66 @@ fn build_engine(args: &EngineArgs) -> anyhow::Result<Engine> {
         builder = builder.kernel_cache_dir(dir);
     }
     builder.build().context("loading the model")
+}
+
+fn serve(args: &[String]) -> anyhow::Result<()> {
+    use lvllm_server::config::ServeConfig;
+    use lvllm_server::server::{self, AppState, ServerOptions};
+    let cfg = ServeConfig::load(args, std::env::vars())?;
+    for w in &cfg.warnings {
+        eprintln!("warning: {w}");
+    }
+    if let Some(t) = &cfg.chat_template {
+        bail!("chat-template {t}: overriding the model's chat template is not supported yet");
+    }
+    let mut builder = Engine::builder()
+        .device(if lvllm_engine::cuda_available() { Device::Cuda(0) } else { Device::Cpu })
+        .threads(ThreadOptions { count: cfg.threads, binding: cfg.thread_binding, power_saving: cfg.power_saving })
+        .moe_weight(cfg.moe_weight)
+        .moe_placement(cfg.moe_placement)
+        .gpu_resident_moe_layers(cfg.gpu_resident_moe_layers.clone())
+        .load_format(cfg.load_format)
+        .enforce_eager(cfg.enforce_eager)
+        .gpu_memory_utilization(cfg.gpu_memory_utilization);
+    builder = match &cfg.model {
+        Some(dir) => builder.model(dir),
+        None => builder.embedded(bundled::tiny_model()),
+    };
+    if let Some(n) = cfg.max_model_len {
+        builder = builder.max_model_len(n);
+    }
+    if let Some(dir) = kernel_cache_dir() {
+        builder = builder.kernel_cache_dir(dir);
+    }
+    eprintln!("loading {} ...", cfg.model.as_deref().unwrap_or("the bundled tiny model"));
+    let t0 = std::time::Instant::now();
+    let engine = builder.build().context("loading the model")?;
+    eprintln!(
+        "loaded {} in {:.1} s (max_model_len {})",
+        engine.model_name(),
+        t0.elapsed().as_secs_f64(),
+        engine.max_model_len()
+    );
+    let name =
+        cfg.served_model_name.clone().or_else(|| cfg.model.clone()).unwrap_or_else(|| engine.model_name().to_string());
+    let opts = ServerOptions {
+        served_model_name: name,
+        api_key: cfg.api_key.clone(),
+        max_queue_len: cfg.max_queue_len,
+        tool_call_parser: cfg.tool_call_parser,
+        reasoning_parser: cfg.reasoning_parser,
+        enable_auto_tool_choice: cfg.enable_auto_tool_choice,
+    };
+    let state = AppState::new(std::sync::Arc::new(engine), opts);
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    rt.block_on(async move {
+        let addr = format!("{}:{}", cfg.host, cfg.port);
+        let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
+        eprintln!("serving on http://{} (SIGTERM or Ctrl-C drains and stops)", listener.local_addr()?);
+        server::serve(listener, state, server::shutdown_signal()).await.context("serving")?;
+        eprintln!("drained; bye");
+        Ok(())
+    })
 }
 
 fn bench(args: BenchArgs) -> anyhow::Result<()> {

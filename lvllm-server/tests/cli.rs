@@ -100,7 +100,10 @@ fn bad_input_is_a_clear_error() {
         (&["generate", "--prompt", "a", "--threads", "0"], "threads"),
         (&["generate", "--chat", "--prompt", "a", "--chat-template-kwargs", "nope"], "JSON object"),
         (&["generate", "--prompt", "a", "--max-model-len", "999999"], "max_position_embeddings"),
-        (&["serve"], "unrecognized subcommand"),
+        (&["serve", "--no-such-key", "1"], "no-such-key"),
+        (&["serve", "--tensor-parallel-size", "2"], "tensor-parallel-size"),
+        (&["serve", "--port", "http"], "port"),
+        (&["nonsense"], "unrecognized subcommand"),
         (&["generate", "--prompt", "a", "--moe-placement", "cpu"], "auto, hybrid or gpu"),
         (&["generate", "--prompt", "a", "--moe-placement", "hybrid", "--device", "cpu"], "needs a CUDA device"),
         (&["generate", "--prompt", "a", "--gpu-resident-moe-layers", "5-2"], "runs backwards"),
@@ -162,4 +165,46 @@ fn bench_prints_decode_rows_with_the_bound() {
         assert!(cols[7].ends_with('%'), "{r}");
     }
     assert!(text.contains("# prefill 16 tokens"), "{text}");
+}
+
+/// `lvllm serve` as a process: it serves the bundled model on the port it was
+/// given (0: any), answers a request, and on SIGTERM drains and exits 0.
+#[cfg(unix)]
+#[test]
+fn serve_answers_then_drains_on_sigterm() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lvllm"))
+        .args(["serve", "--port", "0", "--threads", "1", "--served-model-name", "tiny"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut addr = None;
+    let mut log = String::new();
+    for _ in 0..20 {
+        let mut line = String::new();
+        if err.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        log.push_str(&line);
+        if let Some(rest) = line.strip_prefix("serving on http://") {
+            addr = rest.split_whitespace().next().map(str::to_string);
+            break;
+        }
+    }
+    let addr = addr.unwrap_or_else(|| panic!("no address in:\n{log}"));
+    let body = r#"{"model": "tiny", "prompt": "Once upon a time", "max_tokens": 4, "temperature": 0}"#;
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    write!(s, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    assert!(reply.starts_with("HTTP/1.1 200") && reply.contains("text_completion"), "{reply}");
+    let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    let status = child.wait().unwrap();
+    let mut rest = String::new();
+    err.read_to_string(&mut rest).unwrap();
+    assert!(status.success(), "exit {status:?}:\n{log}{rest}");
+    assert!(rest.contains("drained"), "{rest}");
 }

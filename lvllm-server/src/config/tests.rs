@@ -158,7 +158,10 @@ fn unknown_keys() {
 
 #[test]
 fn invalid_values() {
-    assert_eq!(err(from_yaml("port: abc")), "invalid value `abc` for `port` (config file): expected a port 1-65535");
+    assert_eq!(
+        err(from_yaml("port: abc")),
+        "invalid value `abc` for `port` (config file): expected a port 0-65535 (0: any free port)"
+    );
     assert_eq!(
         err(from_env(&[("LK_THREAD_BINDING", "CORE")])),
         "invalid value `CORE` for `LK_THREAD_BINDING` (environment variable LK_THREAD_BINDING): \
@@ -170,8 +173,9 @@ fn invalid_values() {
     assert!(err(from_yaml("dtype: float32")).contains("expected one of auto, bfloat16, bf16, float16"));
     assert!(err(from_yaml("load-format: gguf")).contains("`load-format`"));
     assert!(err(from_yaml("gpu-resident-moe-layers: 5-1")).contains("layer indices"));
-    let e = err(from_yaml("tool-call-parser: hermes"));
-    assert!(e.contains("expected one of qwen3_coder, glm45, glm47, minimax_m2, kimi_k2"), "{e}");
+    let e = err(from_yaml("tool-call-parser: pythonic"));
+    assert!(e.contains("expected one of qwen3_coder, glm45, glm47, minimax_m2, kimi_k2, hermes"), "{e}");
+    assert_eq!(from_yaml("tool-call-parser: hermes").expect("valid").tool_call_parser, Some(ToolParserKind::Hermes));
     assert!(err(from_yaml("reasoning-parser: step3p5")).contains("minimax_m2_append_think"));
     assert!(err(from_yaml("enable-auto-tool-choice: true")).contains("tool-call-parser"));
     assert!(err(from_yaml("- a\n- b")).starts_with("config file:"));

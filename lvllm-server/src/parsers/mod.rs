@@ -4,8 +4,8 @@
 //! Three axes, each in one place:
 //! - **reasoning** (`reasoning.rs`): where `<think>…</think>` ends, per family
 //!   ([`ReasoningParserKind`]), and where the output starts ([`ReasoningStart`]);
-//! - **tool-call format** (`qwen3_coder.rs`, `glm.rs`, `minimax_m2.rs`,
-//!   `kimi_k2.rs`): the markers each family writes, as a state machine over the
+//! - **tool-call format** (`hermes.rs`, `qwen3_coder.rs`, `glm.rs`,
+//!   `minimax_m2.rs`, `kimi_k2.rs`): the markers each family writes, as a state machine over the
 //!   text ([`ToolParserKind`]);
 //! - **argument building and typing** (`emit.rs`, `schema.rs`): the arguments JSON
 //!   string, with values typed by the request's `tools` schema.
@@ -22,6 +22,7 @@
 
 mod emit;
 mod glm;
+mod hermes;
 mod kimi_k2;
 mod minimax_m2;
 mod qwen3_coder;
@@ -154,16 +155,19 @@ pub enum ToolParserKind {
     MinimaxM2,
     /// `kimi_k2`: `<|tool_calls_section_begin|><|tool_call_begin|>functions.NAME:N<|tool_call_argument_begin|>{json}…`.
     KimiK2,
+    /// `hermes`: `<tool_call>{"name": NAME, "arguments": {…}}</tool_call>` (Qwen3, Qwen3-MoE, Qwen2.5).
+    Hermes,
 }
 
 impl ToolParserKind {
     /// Every kind with its name.
-    pub const ALL: [(&'static str, ToolParserKind); 5] = [
+    pub const ALL: [(&'static str, ToolParserKind); 6] = [
         ("qwen3_coder", Self::Qwen3Coder),
         ("glm45", Self::Glm45),
         ("glm47", Self::Glm47),
         ("minimax_m2", Self::MinimaxM2),
         ("kimi_k2", Self::KimiK2),
+        ("hermes", Self::Hermes),
     ];
 
     /// The supported names, for error messages and `--help`.
@@ -224,6 +228,7 @@ impl ToolParser {
             ToolParserKind::Glm45 | ToolParserKind::Glm47 => (Box::new(glm::Glm::new()), Untyped::Json),
             ToolParserKind::MinimaxM2 => (Box::new(minimax_m2::MinimaxM2::new()), Untyped::String),
             ToolParserKind::KimiK2 => (Box::new(kimi_k2::KimiK2::new()), Untyped::Json),
+            ToolParserKind::Hermes => (Box::new(hermes::Hermes::new()), Untyped::Json),
         };
         Self { kind, format, em: Emitter::new(schemas, untyped, random_seed()), buf: String::new() }
     }

@@ -245,6 +245,41 @@ fn minimax_m2_no_call_and_unterminated() {
     assert_eq!(args(&out, 0), json!({"metric": false}));
 }
 
+// ---------------------------------------------------------------- hermes
+
+#[test]
+fn hermes_calls_as_the_qwen3_template_renders_them() {
+    let text = "Let me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\", \"days\": 3}}\n</tool_call>\n\
+                <tool_call>\n{\"name\": \"write_file\", \"arguments\": \"{\\\"path\\\": \\\"/t\\\"}\"}\n</tool_call>";
+    let out = check_splits(&tools_only(ToolParserKind::Hermes), text);
+    assert_eq!(out.content.as_deref(), Some("Let me check.\n"));
+    assert_eq!(out.tool_calls.len(), 2);
+    assert_eq!(out.tool_calls[0].function.name, "get_weather");
+    assert_eq!(args(&out, 0), json!({"city": "Paris", "days": 3}));
+    assert_eq!(out.tool_calls[1].function.name, "write_file");
+    assert_eq!(args(&out, 1), json!({"path": "/t"}));
+    assert!(out.tool_calls[0].id.starts_with("call_"));
+}
+
+#[test]
+fn hermes_malformed_unterminated_and_unicode() {
+    // Not a call: stays content, markers and all.
+    let out = check_splits(&tools_only(ToolParserKind::Hermes), "a <tool_call>{\"x\": 1}</tool_call> b");
+    assert!(out.tool_calls.is_empty());
+    assert_eq!(out.content.as_deref(), Some("a <tool_call>{\"x\": 1}</tool_call> b"));
+    // Cut off before the closing marker, but the JSON is complete: a call.
+    let out = check_splits(
+        &tools_only(ToolParserKind::Hermes),
+        "<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"東京\"}}",
+    );
+    assert_eq!(out.tool_calls.len(), 1);
+    assert_eq!(args(&out, 0), json!({"city": "東京"}));
+    // Cut off mid-JSON: content.
+    let out = check_splits(&tools_only(ToolParserKind::Hermes), "<tool_call>{\"name\": \"get_w");
+    assert!(out.tool_calls.is_empty());
+    assert_eq!(out.content.as_deref(), Some("<tool_call>{\"name\": \"get_w"));
+}
+
 // ---------------------------------------------------------------- kimi_k2
 
 #[test]
@@ -410,10 +445,11 @@ fn names_and_errors() {
     assert_eq!(ToolParserKind::from_name("qwen3_coder"), Ok(ToolParserKind::Qwen3Coder));
     assert_eq!(ToolParserKind::from_name("GLM47"), Ok(ToolParserKind::Glm47));
     assert_eq!(ToolParserKind::from_name("minimax-m2"), Ok(ToolParserKind::MinimaxM2));
-    let e = ToolParser::by_name("hermes", &[]).map(|_| ()).unwrap_err();
+    assert_eq!(ToolParserKind::from_name("hermes"), Ok(ToolParserKind::Hermes));
+    let e = ToolParser::by_name("pythonic", &[]).map(|_| ()).unwrap_err();
     assert_eq!(
         e.to_string(),
-        "unknown tool-call parser `hermes`; supported: qwen3_coder, glm45, glm47, minimax_m2, kimi_k2"
+        "unknown tool-call parser `pythonic`; supported: qwen3_coder, glm45, glm47, minimax_m2, kimi_k2, hermes"
     );
     let e = ReasoningParserKind::from_name("step3p5").unwrap_err();
     assert!(e.to_string().contains("minimax_m2_append_think"), "{e}");
