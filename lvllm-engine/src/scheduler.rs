@@ -310,9 +310,9 @@ impl Scheduler {
             if alloc.num_free() - revived < need {
                 break;
             }
-            for i in 0..hits.len() {
-                let b = alloc.acquire_cached(seq.hashes[i]);
-                debug_assert_eq!(b, Some(hits[i]));
+            for (&h, &hit) in seq.hashes.iter().zip(&hits) {
+                let b = alloc.acquire_cached(h);
+                debug_assert_eq!(b, Some(hit));
             }
             let new = alloc.allocate(need).expect("checked above");
             seq.blocks = hits;

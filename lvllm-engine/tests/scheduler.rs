@@ -224,7 +224,12 @@ fn cancelled_requests_free_their_blocks() {
 
     // Engine::cancel stops a sink's request.
     let (tx, rx) = mpsc::channel();
-    let id = e.submit_with(p.clone(), greedy(500), move |ev| tx.send(ev).is_ok() || true).unwrap();
+    let id = e
+        .submit_with(p.clone(), greedy(500), move |ev| {
+            let _ = tx.send(ev);
+            true // keeps going until Engine::cancel
+        })
+        .unwrap();
     assert!(matches!(rx.recv().unwrap(), RequestEvent::Delta(_)));
     e.cancel(id);
     wait_idle(&e);
@@ -264,11 +269,8 @@ fn handle_api_and_sink_events() {
     let mut h = e.submit(p.clone(), params.clone()).unwrap();
     assert_eq!(h.prompt_token_ids(), &p[..]);
     let mut toks = Vec::new();
-    loop {
-        match h.recv_timeout(Duration::from_secs(30)) {
-            Some(d) => toks.push(d.unwrap().token_id),
-            None => break,
-        }
+    while let Some(d) = h.recv_timeout(Duration::from_secs(30)) {
+        toks.push(d.unwrap().token_id);
     }
     assert!(h.is_finished() && h.try_recv().is_none());
     let s = h.stats();
