@@ -825,8 +825,8 @@ impl Engine {
     }
 
     /// Submits a request whose events go to `sink`, called on the model-loop
-    /// thread (keep it short: it delays every request); returning `false`
-    /// cancels the request. For async servers that must not park a thread per
+    /// thread (keep it short: it delays every request); returning `false`, or
+    /// panicking, cancels the request. For async servers that must not park a thread per
     /// request. The last event is [`RequestEvent::Finished`] or
     /// [`RequestEvent::Failed`]. Prompt and parameter errors are returned here;
     /// to know the prompt's token ids, [`tokenize`](Self::tokenize) first and

@@ -8,7 +8,7 @@
 //! every row when a sequence in it wants prompt logprobs, else of each
 //! sequence's last row), then for every sequence whose tokens are all computed
 //! sample the next token, check stop conditions, and call its sink. A sink that
-//! returns `false` (its receiver is gone) cancels the request; a cancelled or
+//! returns `false` (its receiver is gone) or panics cancels the request; a cancelled or
 //! finished request's blocks go back to the allocator at once. A failed forward
 //! pass fails the requests of that batch only.
 //!
@@ -132,6 +132,12 @@ impl<'t> Active<'t> {
     }
 }
 
+/// Calls a sink; a panicking sink counts as `false` (its request is
+/// cancelled) instead of taking the model loop down.
+fn send(sink: &mut Sink, ev: RequestEvent) -> bool {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sink(ev))).unwrap_or(false)
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -199,7 +205,7 @@ impl<'t> Loop<'t> {
         self.sched.remove(id, &mut r.blocks);
         if let Some(mut a) = self.active.remove(&id) {
             if let Some(ev) = last {
-                (a.sink)(ev);
+                send(&mut a.sink, ev);
             }
             self.m.requests_finished += 1;
         }
@@ -311,7 +317,7 @@ impl<'t> Loop<'t> {
                 a.first_token = Some(now);
                 a.stats.prefill_secs = a.started.map_or(0.0, |t| (now - t).as_secs_f64());
                 if let Some(v) = a.prompt_logprobs.take() {
-                    if !(a.sink)(RequestEvent::PromptLogprobs(v)) {
+                    if !send(&mut a.sink, RequestEvent::PromptLogprobs(v)) {
                         self.finish(s.id, r, None);
                         continue;
                     }
@@ -327,7 +333,7 @@ impl<'t> Loop<'t> {
                 Err(e) => self.finish(s.id, r, Some(RequestEvent::Failed(e))),
                 Ok((delta, finished)) => {
                     let token = delta.token_id;
-                    let keep = (a.sink)(RequestEvent::Delta(delta));
+                    let keep = send(&mut a.sink, RequestEvent::Delta(delta));
                     if finished {
                         let stats = a.stats;
                         self.finish(s.id, r, Some(RequestEvent::Finished(stats)));
