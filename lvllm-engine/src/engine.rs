@@ -215,8 +215,8 @@ impl EngineBuilder {
     }
 
     /// Most tokens in one forward batch (default
-    /// [`DEFAULT_MAX_NUM_BATCHED_TOKENS`]); longer prompts are prefilled in
-    /// chunks.
+    /// [`DEFAULT_MAX_NUM_BATCHED_TOKENS`]), at least `max_num_seqs`; longer
+    /// prompts are prefilled in chunks.
     pub fn max_num_batched_tokens(mut self, n: usize) -> Self {
         self.max_num_batched_tokens = Some(n);
         self
@@ -276,6 +276,13 @@ impl EngineBuilder {
         let max_num_batched_tokens = self.max_num_batched_tokens.unwrap_or(DEFAULT_MAX_NUM_BATCHED_TOKENS);
         if max_num_seqs == 0 || max_num_batched_tokens == 0 {
             return Err(Error::Config("max_num_seqs and max_num_batched_tokens must be at least 1".into()));
+        }
+        if max_num_batched_tokens < max_num_seqs {
+            // Otherwise the youngest running sequences could wait for a token
+            // budget the older ones always use up (vLLM refuses this too).
+            return Err(Error::Config(format!(
+                "max_num_batched_tokens {max_num_batched_tokens} must be at least max_num_seqs {max_num_seqs}"
+            )));
         }
         if self.threads.count == Some(0) {
             return Err(Error::Config("threads must be at least 1".into()));

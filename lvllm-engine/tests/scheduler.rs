@@ -259,6 +259,8 @@ fn max_num_seqs_and_max_num_batched_tokens_are_respected() {
 
     let err = builder().max_num_seqs(0).build().unwrap_err().to_string();
     assert!(err.contains("max_num_seqs"), "{err}");
+    let err = builder().max_num_batched_tokens(16).build().unwrap_err().to_string();
+    assert!(err.contains("max_num_batched_tokens 16") && err.contains("256"), "{err}");
 }
 
 #[test]
