@@ -1,20 +1,25 @@
-//! [`EngineBuilder`] and [`Engine`]: load a model, then generate, blocking or
-//! streaming.
+//! [`EngineBuilder`] and [`Engine`]: load a model, then submit requests from any
+//! thread, blocking, streaming or with a callback.
 //!
-//! Requests run one at a time on the calling thread for now (the engine is
-//! `Send + Sync`; a request holds the model while it runs). Continuous batching,
-//! the scheduler and the async API come with the serving issue and keep this
-//! surface.
+//! The engine owns a model-loop thread (the private `worker` module) that runs the
+//! [`crate::scheduler`]: every step batches the running sequences (one decode
+//! token each) with chunks of waiting prompts, so concurrent requests share
+//! forward passes (continuous batching, chunked prefill, prefix caching,
+//! preemption by recompute). [`Engine::submit`] returns a [`RequestHandle`];
+//! [`Engine::submit_with`] calls a sink instead; [`Engine::stream`] and
+//! [`Engine::generate`] are wrappers over `submit`.
 
+use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use std::sync::Arc;
 
 use lvllm_models::{
-    CacheConfig, ForwardBatch, LoadOptions, Logits, LogitsSelection, Model, ModelCache, ModelConfig, SafetensorsFile,
-    SeqSpan, WeightSource,
+    CacheConfig, ForwardBatch, LoadOptions, Logits, Model, ModelCache, ModelConfig, SafetensorsFile, WeightSource,
 };
 pub use lvllm_moe::{ExpertsOptions, MoeWeight};
 pub use lvllm_numa::Binding;
@@ -24,8 +29,11 @@ pub use lvllm_tensor::Device;
 use crate::chat_template::ChatTemplateOptions;
 use crate::kv::BlockAllocator;
 use crate::placement::{LayerSet, LoadFormat, MoePlacement};
-use crate::sampling::{self, Rng, SamplingParams, TokenLogprobs};
-use crate::tokenizer::{IncrementalDecoder, Tokenizer};
+use crate::request::{EngineMetrics, RequestEvent, RequestHandle, RequestId};
+use crate::sampling::{SamplingParams, TokenLogprobs};
+use crate::scheduler::SchedulerConfig;
+use crate::tokenizer::Tokenizer;
+use crate::worker::{Command, Sink, Submission};
 use crate::{Error, Result};
 
 /// Tokens per KV block.
@@ -38,6 +46,13 @@ pub const DEFAULT_KV_CACHE_BYTES: usize = 2 << 30;
 
 /// Fraction of GPU memory the CUDA path may use (weights + KV cache), as vLLM.
 pub const DEFAULT_GPU_MEMORY_UTILIZATION: f32 = 0.9;
+
+/// Most sequences running at once by default (vLLM's `max_num_seqs`).
+pub const DEFAULT_MAX_NUM_SEQS: usize = 256;
+
+/// Most tokens in one forward batch by default (vLLM's `max_num_batched_tokens`
+/// with chunked prefill).
+pub const DEFAULT_MAX_NUM_BATCHED_TOKENS: usize = 2048;
 
 /// A model held in memory (e.g. embedded in a binary with `include_bytes!`).
 #[derive(Debug, Clone, Copy)]
@@ -98,6 +113,9 @@ pub struct EngineBuilder {
     moe_placement: MoePlacement,
     gpu_resident_moe_layers: LayerSet,
     load_format: LoadFormat,
+    max_num_seqs: Option<usize>,
+    max_num_batched_tokens: Option<usize>,
+    enable_prefix_caching: Option<bool>,
 }
 
 impl EngineBuilder {
@@ -190,7 +208,27 @@ impl EngineBuilder {
         self
     }
 
-    /// Loads the model and tokenizer and sizes the KV cache.
+    /// Most sequences running at once (default [`DEFAULT_MAX_NUM_SEQS`]).
+    pub fn max_num_seqs(mut self, n: usize) -> Self {
+        self.max_num_seqs = Some(n);
+        self
+    }
+
+    /// Most tokens in one forward batch (default
+    /// [`DEFAULT_MAX_NUM_BATCHED_TOKENS`]), at least `max_num_seqs`; longer
+    /// prompts are prefilled in chunks.
+    pub fn max_num_batched_tokens(mut self, n: usize) -> Self {
+        self.max_num_batched_tokens = Some(n);
+        self
+    }
+
+    /// Share the KV blocks of equal prompt prefixes between requests (default on).
+    pub fn enable_prefix_caching(mut self, on: bool) -> Self {
+        self.enable_prefix_caching = Some(on);
+        self
+    }
+
+    /// Loads the model and tokenizer, sizes the KV cache and starts the model loop.
     pub fn build(self) -> Result<Engine> {
         let source =
             self.source.ok_or_else(|| Error::Config("no model given: call .model(dir) or .embedded(..)".into()))?;
@@ -234,6 +272,18 @@ impl EngineBuilder {
         let bytes_per_block: usize = cache_spec.iter().map(|s| s.bytes_per_block(block_size)).sum();
         let wanted_len = self.max_model_len.unwrap_or(model_max);
         let wanted_blocks = wanted_len.div_ceil(block_size);
+        let max_num_seqs = self.max_num_seqs.unwrap_or(DEFAULT_MAX_NUM_SEQS);
+        let max_num_batched_tokens = self.max_num_batched_tokens.unwrap_or(DEFAULT_MAX_NUM_BATCHED_TOKENS);
+        if max_num_seqs == 0 || max_num_batched_tokens == 0 {
+            return Err(Error::Config("max_num_seqs and max_num_batched_tokens must be at least 1".into()));
+        }
+        if max_num_batched_tokens < max_num_seqs {
+            // Otherwise the youngest running sequences could wait for a token
+            // budget the older ones always use up (vLLM refuses this too).
+            return Err(Error::Config(format!(
+                "max_num_batched_tokens {max_num_batched_tokens} must be at least max_num_seqs {max_num_seqs}"
+            )));
+        }
         if self.threads.count == Some(0) {
             return Err(Error::Config("threads must be at least 1".into()));
         }
@@ -318,7 +368,7 @@ impl EngineBuilder {
         }
         eos.sort_unstable();
         eos.dedup();
-        Ok(Engine {
+        let shared = Arc::new(Shared {
             name,
             config,
             tokenizer,
@@ -326,8 +376,24 @@ impl EngineBuilder {
             max_model_len,
             block_size,
             device: self.device,
-            runner: Mutex::new(Runner { backend, blocks: BlockAllocator::new(num_blocks), pool }),
-        })
+            scheduler: SchedulerConfig {
+                max_num_seqs,
+                max_num_batched_tokens,
+                block_size,
+                enable_prefix_caching: self.enable_prefix_caching.unwrap_or(true),
+            },
+        });
+        let runner = Arc::new(Mutex::new(Runner { backend, blocks: BlockAllocator::new(num_blocks), pool }));
+        let metrics = Arc::new(Mutex::new(EngineMetrics { kv_blocks_total: num_blocks, ..Default::default() }));
+        let (commands, rx) = mpsc::channel();
+        let thread = {
+            let (shared, runner, metrics) = (shared.clone(), runner.clone(), metrics.clone());
+            std::thread::Builder::new()
+                .name("lvllm-model-loop".into())
+                .spawn(move || crate::worker::model_loop(shared, runner, rx, metrics))
+                .map_err(|e| Error::Config(format!("starting the model-loop thread: {e}")))?
+        };
+        Ok(Engine { shared, runner, commands, metrics, next_id: AtomicU64::new(0), thread: Some(thread) })
     }
 }
 
@@ -542,10 +608,18 @@ pub struct GenerationStats {
     pub prompt_tokens: usize,
     /// Generated tokens.
     pub generated_tokens: usize,
-    /// Time of the prompt's forward pass.
+    /// From the request's first step to its first token (its prompt's forward
+    /// passes, shared with other requests).
     pub prefill_secs: f64,
     /// Time of the decode steps (every generated token after the first).
     pub decode_secs: f64,
+    /// Prompt tokens found in the prefix cache (not computed) when the request
+    /// was first scheduled.
+    pub cached_prompt_tokens: usize,
+    /// Prompt tokens run through the model, recomputes after preemption included.
+    pub computed_prompt_tokens: usize,
+    /// Times the request was preempted (its cache dropped and recomputed).
+    pub preemptions: usize,
 }
 
 impl GenerationStats {
@@ -575,24 +649,46 @@ pub struct Generation {
     pub stats: GenerationStats,
 }
 
-/// A loaded model ready to generate. `Send + Sync`.
+/// A loaded model ready to generate. `Send + Sync`: requests are submitted from
+/// any thread and run together on the engine's model-loop thread (started by
+/// [`EngineBuilder::build`], stopped when the engine is dropped).
 pub struct Engine {
-    name: String,
-    config: ModelConfig,
-    tokenizer: Option<Tokenizer>,
-    eos_token_ids: Vec<u32>,
-    max_model_len: usize,
-    block_size: usize,
-    device: Device,
-    runner: Mutex<Runner>,
+    shared: Arc<Shared>,
+    runner: Arc<Mutex<Runner>>,
+    commands: mpsc::Sender<Command>,
+    metrics: Arc<Mutex<EngineMetrics>>,
+    next_id: AtomicU64,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// What the engine and its model loop both read.
+pub(crate) struct Shared {
+    pub(crate) name: String,
+    pub(crate) config: ModelConfig,
+    pub(crate) tokenizer: Option<Tokenizer>,
+    pub(crate) eos_token_ids: Vec<u32>,
+    pub(crate) max_model_len: usize,
+    pub(crate) block_size: usize,
+    pub(crate) device: Device,
+    pub(crate) scheduler: SchedulerConfig,
 }
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine")
-            .field("model", &self.name)
-            .field("max_model_len", &self.max_model_len)
+            .field("model", &self.shared.name)
+            .field("max_model_len", &self.shared.max_model_len)
+            .field("scheduler", &self.shared.scheduler)
             .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        let _ = self.commands.send(Command::Shutdown);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -604,58 +700,68 @@ impl Engine {
 
     /// Tokens per KV block.
     pub fn block_size(&self) -> usize {
-        self.block_size
+        self.shared.block_size
     }
 
     /// Vocabulary size of the model.
     pub fn vocab_size(&self) -> usize {
-        self.config.vocab_size()
+        self.shared.config.vocab_size()
     }
 
     /// The model runner, exclusively (a poisoned lock is recovered: the runner
-    /// holds no invariant a panicking request could break half-way).
+    /// holds no invariant a panicking request could break half-way). The model
+    /// loop takes it for each step.
     pub(crate) fn lock_runner(&self) -> MutexGuard<'_, Runner> {
         self.runner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The model's name (its directory or embedded name).
     pub fn model_name(&self) -> &str {
-        &self.name
+        &self.shared.name
     }
 
     /// The model's config.
     pub fn model_config(&self) -> &ModelConfig {
-        &self.config
+        &self.shared.config
     }
 
     /// The tokenizer, if the model has one.
     pub fn tokenizer(&self) -> Option<&Tokenizer> {
-        self.tokenizer.as_ref()
+        self.shared.tokenizer.as_ref()
     }
 
     /// The context limit (prompt + output tokens).
     pub fn max_model_len(&self) -> usize {
-        self.max_model_len
+        self.shared.max_model_len
     }
 
     /// The device the model runs on.
     pub fn device(&self) -> Device {
-        self.device
+        self.shared.device
     }
 
     /// End-of-sequence ids (config and tokenizer).
     pub fn eos_token_ids(&self) -> &[u32] {
-        &self.eos_token_ids
+        &self.shared.eos_token_ids
+    }
+
+    /// The scheduler's limits.
+    pub fn scheduler_config(&self) -> SchedulerConfig {
+        self.shared.scheduler
+    }
+
+    /// Counters of the scheduler and the KV cache, as of the model loop's last
+    /// step (for metrics endpoints and tests).
+    pub fn metrics(&self) -> EngineMetrics {
+        *self.metrics.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Turns a prompt into token ids.
     pub fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>> {
+        let name = &self.shared.name;
         let need_tok = || {
-            self.tokenizer.as_ref().ok_or_else(|| {
-                Error::InvalidRequest(format!(
-                    "model {} has no tokenizer.json: give the prompt as token ids",
-                    self.name
-                ))
+            self.shared.tokenizer.as_ref().ok_or_else(|| {
+                Error::InvalidRequest(format!("model {name} has no tokenizer.json: give the prompt as token ids"))
             })
         };
         Ok(match prompt {
@@ -665,7 +771,7 @@ impl Engine {
                 let tok = need_tok()?;
                 let tmpl = tok
                     .chat_template()
-                    .ok_or_else(|| Error::InvalidRequest(format!("model {} has no chat template", self.name)))?;
+                    .ok_or_else(|| Error::InvalidRequest(format!("model {name} has no chat template")))?;
                 let opts = ChatTemplateOptions {
                     add_generation_prompt: true,
                     tools: c.tools.as_ref(),
@@ -677,14 +783,15 @@ impl Engine {
         })
     }
 
-    /// Generates to the end and returns everything at once.
+    /// Generates to the end and returns everything at once (blocks the calling
+    /// thread; other requests keep running beside it).
     pub fn generate(&self, prompt: impl Into<Prompt>, params: &SamplingParams) -> Result<Generation> {
-        let mut s = self.stream(prompt, params)?;
+        let mut h = self.submit(prompt, params.clone())?;
         let mut token_ids = Vec::new();
         let mut text = String::new();
         let mut logprobs = params.logprobs.map(|_| Vec::new());
         let mut finish = FinishReason::Length;
-        for d in s.by_ref() {
+        while let Some(d) = h.recv() {
             let d = d?;
             token_ids.push(d.token_id);
             text.push_str(&d.text);
@@ -696,190 +803,120 @@ impl Engine {
             }
         }
         Ok(Generation {
-            prompt_token_ids: s.prompt_token_ids.clone(),
+            prompt_token_ids: h.prompt_token_ids().to_vec(),
             token_ids,
-            text: self.tokenizer.is_some().then_some(text),
+            text: self.shared.tokenizer.is_some().then_some(text),
             logprobs,
-            prompt_logprobs: s.prompt_logprobs.take(),
+            prompt_logprobs: h.take_prompt_logprobs(),
             finish_reason: finish,
-            stats: s.stats,
+            stats: h.stats(),
         })
     }
 
-    /// Starts a request and returns an iterator over its tokens. The prompt is
-    /// processed here, so prompt errors surface at once; each `next()` yields one
-    /// token. The request holds the model until the stream is dropped.
+    /// Starts a request and returns an iterator over its tokens, each `next()`
+    /// blocking until the model loop produced the next one. Prompt and parameter
+    /// errors surface here. Dropping the stream cancels the request.
     pub fn stream(&self, prompt: impl Into<Prompt>, params: &SamplingParams) -> Result<GenerationStream<'_>> {
+        Ok(GenerationStream { handle: self.submit(prompt, params.clone())?, _engine: PhantomData })
+    }
+
+    /// Submits a request to the model loop and returns its handle, which
+    /// receives the request's [`StreamDelta`]s and cancels it when dropped.
+    /// Prompt and parameter errors are returned here, synchronously.
+    pub fn submit(&self, prompt: impl Into<Prompt>, params: SamplingParams) -> Result<RequestHandle> {
+        let prompt = self.tokenize(&prompt.into())?;
+        let (tx, rx) = mpsc::channel();
+        let ids = prompt.clone();
+        let id = self.enqueue(prompt, params, Box::new(move |ev| tx.send(ev).is_ok()))?;
+        Ok(RequestHandle::new(id, rx, self.commands.clone(), ids))
+    }
+
+    /// Submits a request whose events go to `sink`, called on the model-loop
+    /// thread (keep it short: it delays every request); returning `false`, or
+    /// panicking, cancels the request. For async servers that must not park a thread per
+    /// request. The last event is [`RequestEvent::Finished`] or
+    /// [`RequestEvent::Failed`]. Prompt and parameter errors are returned here;
+    /// to know the prompt's token ids, [`tokenize`](Self::tokenize) first and
+    /// submit [`Prompt::Tokens`].
+    pub fn submit_with(
+        &self,
+        prompt: impl Into<Prompt>,
+        params: SamplingParams,
+        sink: impl FnMut(RequestEvent) -> bool + Send + 'static,
+    ) -> Result<RequestId> {
+        let prompt = self.tokenize(&prompt.into())?;
+        self.enqueue(prompt, params, Box::new(sink))
+    }
+
+    /// Cancels a request submitted with [`submit_with`](Self::submit_with) (its
+    /// blocks are freed at the model loop's next step; its sink hears nothing
+    /// more). Unknown or finished requests are ignored.
+    pub fn cancel(&self, id: RequestId) {
+        let _ = self.commands.send(Command::Cancel(id.0));
+    }
+
+    fn enqueue(&self, prompt: Vec<u32>, params: SamplingParams, sink: Sink) -> Result<RequestId> {
         params.validate()?;
-        let prompt = prompt.into();
-        let ids = self.tokenize(&prompt)?;
-        if ids.is_empty() {
+        if prompt.is_empty() {
             return Err(Error::InvalidRequest("the prompt is empty".into()));
         }
-        let vocab = self.config.vocab_size();
-        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+        let vocab = self.shared.config.vocab_size();
+        if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
             return Err(Error::InvalidRequest(format!("prompt token id {bad} is outside the vocabulary of {vocab}")));
         }
-        if ids.len() >= self.max_model_len {
-            return Err(Error::PromptTooLong { prompt_tokens: ids.len(), max_model_len: self.max_model_len });
+        let max_model_len = self.shared.max_model_len;
+        if prompt.len() >= max_model_len {
+            return Err(Error::PromptTooLong { prompt_tokens: prompt.len(), max_model_len });
         }
-        let mut runner = self.runner.lock().unwrap_or_else(|e| e.into_inner());
-        let max_new = params.max_tokens.min(self.max_model_len - ids.len());
-        let block_size = self.block_size;
-        // The last generated token is never fed back, so the cache holds at most
-        // prompt + max_new - 1 positions.
-        let need = (ids.len() + max_new - 1).div_ceil(block_size);
-        let blocks = runner.blocks.allocate(need).ok_or_else(|| {
-            Error::InvalidRequest(format!(
-                "the KV cache has {} free blocks, this request needs {need}",
-                runner.blocks.num_free()
-            ))
-        })?;
-        let mut stream = GenerationStream {
-            engine: self,
-            runner,
-            blocks,
-            params: params.clone(),
-            rng: params.seed.map(Rng::new).unwrap_or_else(Rng::from_entropy),
-            decoder: self.tokenizer.as_ref().map(|t| t.incremental_decoder_after(&ids, params.skip_special_tokens)),
-            prompt_token_ids: ids,
-            prompt_logprobs: None,
-            generated: 0,
-            max_new,
-            logits: Vec::new(),
-            pending_text: String::new(),
-            unfed: None,
-            done: false,
-            stats: GenerationStats::default(),
-        };
-        stream.prefill()?;
-        Ok(stream)
+        let max_new = params.max_tokens.min(max_model_len - prompt.len());
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let sub = Submission { id, prompt, params, max_new, sink };
+        self.commands.send(Command::Submit(Box::new(sub))).map_err(|_| Error::Shutdown)?;
+        Ok(RequestId(id))
     }
 }
 
-/// An active request; iterate it for [`StreamDelta`]s.
+/// An active request borrowed from its engine; iterate it for [`StreamDelta`]s.
+/// A thin wrapper over [`RequestHandle`].
+#[derive(Debug)]
 pub struct GenerationStream<'a> {
-    engine: &'a Engine,
-    runner: MutexGuard<'a, Runner>,
-    blocks: Vec<u32>,
-    params: SamplingParams,
-    rng: Rng,
-    decoder: Option<IncrementalDecoder<'a>>,
-    prompt_token_ids: Vec<u32>,
-    prompt_logprobs: Option<Vec<Option<TokenLogprobs>>>,
-    generated: usize,
-    max_new: usize,
-    /// Logits of the next position.
-    logits: Vec<f32>,
-    /// Decoded text held back because it may be the start of a stop string.
-    pending_text: String,
-    /// The last sampled token, not yet fed through the model.
-    unfed: Option<u32>,
-    done: bool,
-    stats: GenerationStats,
-}
-
-impl std::fmt::Debug for GenerationStream<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GenerationStream")
-            .field("generated", &self.generated)
-            .field("done", &self.done)
-            .finish_non_exhaustive()
-    }
+    handle: RequestHandle,
+    _engine: PhantomData<&'a Engine>,
 }
 
 impl GenerationStream<'_> {
     /// The prompt as token ids.
     pub fn prompt_token_ids(&self) -> &[u32] {
-        &self.prompt_token_ids
+        self.handle.prompt_token_ids()
     }
 
-    /// Prompt logprobs, when asked for (the first position has none).
+    /// Prompt logprobs, when asked for, once the prompt is computed (the first
+    /// position has none).
     pub fn prompt_logprobs(&self) -> Option<&[Option<TokenLogprobs>]> {
-        self.prompt_logprobs.as_deref()
+        self.handle.prompt_logprobs()
     }
 
-    /// Timing so far.
+    /// Timing so far (complete once the stream has ended).
     pub fn stats(&self) -> GenerationStats {
-        self.stats
+        self.handle.stats()
     }
 
-    fn run(&mut self, tokens: &[u32], first_pos: usize, logits: LogitsSelection) -> Result<Logits> {
-        let positions: Vec<usize> = (first_pos..first_pos + tokens.len()).collect();
-        let seqs = [SeqSpan { len: tokens.len(), block_table: &self.blocks, state_slot: None }];
-        let batch = ForwardBatch { tokens, positions: &positions, seqs: &seqs, logits };
-        self.runner.backend.forward(&batch)
+    /// The underlying handle.
+    pub fn into_handle(self) -> RequestHandle {
+        self.handle
     }
+}
 
-    fn prefill(&mut self) -> Result<()> {
-        let t0 = Instant::now();
-        let ids = std::mem::take(&mut self.prompt_token_ids);
-        let sel =
-            if self.params.prompt_logprobs.is_some() { LogitsSelection::All } else { LogitsSelection::LastPerSeq };
-        let out = self.run(&ids, 0, sel);
-        self.prompt_token_ids = ids;
-        let out = out?;
-        if let Some(k) = self.params.prompt_logprobs {
-            let mut v = vec![None];
-            for i in 1..self.prompt_token_ids.len() {
-                v.push(Some(sampling::logprobs_of(out.row(i - 1), self.prompt_token_ids[i], k)));
-            }
-            self.prompt_logprobs = Some(v);
-        }
-        self.logits = out.row(out.rows.len() - 1).to_vec();
-        self.stats.prompt_tokens = self.prompt_token_ids.len();
-        self.stats.prefill_secs = t0.elapsed().as_secs_f64();
-        Ok(())
-    }
+impl Iterator for GenerationStream<'_> {
+    type Item = Result<StreamDelta>;
 
-    fn step(&mut self) -> Result<StreamDelta> {
-        if let Some(tok) = self.unfed.take() {
-            let t0 = Instant::now();
-            let pos = self.prompt_token_ids.len() + self.generated - 1;
-            let out = self.run(&[tok], pos, LogitsSelection::LastPerSeq)?;
-            self.logits = out.data;
-            self.stats.decode_secs += t0.elapsed().as_secs_f64();
-        }
-        let token = sampling::sample(&self.logits, &self.params, &mut self.rng);
-        let logprobs = self.params.logprobs.map(|k| sampling::logprobs_of(&self.logits, token, k));
-        self.generated += 1;
-        self.stats.generated_tokens = self.generated;
-
-        let mut finish = None;
-        let is_eos = !self.params.ignore_eos && self.engine.eos_token_ids.contains(&token);
-        if is_eos || self.params.stop_token_ids.contains(&token) {
-            finish = Some(FinishReason::Stop);
-        }
-        let mut text = String::new();
-        if let Some(dec) = self.decoder.as_mut() {
-            self.pending_text.push_str(&dec.push(token)?);
-            if finish.is_some() || self.generated == self.max_new {
-                self.pending_text.push_str(&dec.finish()?);
-            }
-            if let Some(cut) = self.params.stop.iter().filter_map(|s| self.pending_text.find(s.as_str())).min() {
-                self.pending_text.truncate(cut);
-                finish = Some(FinishReason::Stop);
-            }
-        }
-        if finish.is_none() && self.generated >= self.max_new {
-            finish = Some(FinishReason::Length);
-        }
-        // Emit all text that can no longer become part of a stop string.
-        let keep = if finish.is_some() { 0 } else { stop_prefix_len(&self.pending_text, &self.params.stop) };
-        let emit = self.pending_text.len() - keep;
-        text.push_str(&self.pending_text[..emit]);
-        self.pending_text.drain(..emit);
-        if finish.is_some() {
-            self.done = true;
-        } else {
-            self.unfed = Some(token);
-        }
-        Ok(StreamDelta { token_id: token, text, logprobs, finish_reason: finish })
+    fn next(&mut self) -> Option<Self::Item> {
+        self.handle.recv()
     }
 }
 
 /// Length of the longest suffix of `text` that is a proper prefix of a stop string.
-fn stop_prefix_len(text: &str, stops: &[String]) -> usize {
+pub(crate) fn stop_prefix_len(text: &str, stops: &[String]) -> usize {
     let mut best = 0;
     for s in stops {
         for (i, _) in s.char_indices().skip(1) {
@@ -889,28 +926,6 @@ fn stop_prefix_len(text: &str, stops: &[String]) -> usize {
         }
     }
     best
-}
-
-impl Iterator for GenerationStream<'_> {
-    type Item = Result<StreamDelta>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        if self.done {
-            return None;
-        }
-        let r = self.step();
-        if r.is_err() {
-            self.done = true;
-        }
-        Some(r)
-    }
-}
-
-impl Drop for GenerationStream<'_> {
-    fn drop(&mut self) {
-        let blocks = std::mem::take(&mut self.blocks);
-        self.runner.blocks.release(&blocks);
-    }
 }
 
 /// Measures wall time of a closure (for examples and the CLI).

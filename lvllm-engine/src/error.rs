@@ -41,6 +41,12 @@ pub enum Error {
     /// The forward pass failed.
     #[error("inference failed: {0}")]
     Inference(lvllm_models::Error),
+    /// The forward pass of a batch failed; every request in it gets this.
+    #[error("inference failed: {0}")]
+    StepFailed(String),
+    /// The engine was dropped (or its model loop stopped) before the request ended.
+    #[error("the engine has shut down")]
+    Shutdown,
 }
 
 /// Result alias of this crate.
