@@ -282,6 +282,13 @@ fn serve(args: &[String]) -> anyhow::Result<()> {
     if let Some(n) = cfg.max_model_len {
         builder = builder.max_model_len(n);
     }
+    if let Some(n) = cfg.max_num_seqs {
+        builder = builder.max_num_seqs(n);
+    }
+    if let Some(n) = cfg.max_num_batched_tokens {
+        builder = builder.max_num_batched_tokens(n);
+    }
+    builder = builder.enable_prefix_caching(cfg.enable_prefix_caching);
     if let Some(dir) = kernel_cache_dir() {
         builder = builder.kernel_cache_dir(dir);
     }

@@ -10,16 +10,17 @@
 //! limit, 401 for a missing or wrong API key, 404 for an unknown model, 429 when
 //! the queue is full.
 //!
-//! Generation runs on tokio's blocking threads through [`Engine::stream`]; the
-//! engine runs one request at a time (continuous batching arrives with the
-//! scheduler), so requests wait for their turn, and at most `max_queue_len` may
-//! wait. Every token goes through a channel to the response; when the client is
-//! gone, the channel closes and the generation stops at its next token, freeing
-//! its KV blocks.
+//! Requests go to the engine's scheduler with [`Engine::submit_with`]
+//! (continuous batching: no thread per request); its sink, called on the
+//! model-loop thread, forwards every token to the response through a channel.
+//! When the client is gone, the channel is closed, the sink returns `false` and
+//! the engine cancels the request at its next step, freeing its KV blocks. With
+//! `max_queue_len`, a request that would have to wait (the engine runs
+//! `max_num_seqs` already) is refused once that many wait.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -298,109 +299,87 @@ fn common(body: &Body, state: &AppState, max_tokens_keys: &[&str]) -> Result<Com
 
 // ------------------------------------------------------------------ generation
 
-/// What a generation sends to its response.
+/// What a generation sends to its response (`usize`: the choice).
 #[derive(Debug)]
 enum Gen {
-    Delta(StreamDelta),
-    /// One choice ended: (prompt tokens, generated tokens).
-    Done(usize, usize),
+    Delta(usize, StreamDelta),
+    /// One choice ended: (choice, prompt tokens, generated tokens).
+    Done(usize, usize, usize),
     Failed(ApiError),
 }
 
-/// Runs `n` generations of `ids` one after the other on a blocking thread, sending
-/// every token to the returned channel; stops when the receiver is dropped.
+/// Submits `n` generations of `ids` (seeds `seed + i`) to the engine's
+/// scheduler; their events arrive on the returned channel, tagged with the
+/// choice. A closed channel cancels them.
 fn spawn_generation(
     state: &Arc<AppState>,
     ids: Vec<u32>,
     params: SamplingParams,
     n: usize,
 ) -> Result<mpsc::UnboundedReceiver<Gen>, ApiError> {
-    let m = &state.metrics;
     if let Some(limit) = state.opts.max_queue_len {
-        // A request that would have to wait is refused when `limit` already wait.
-        let (waiting, running) = (m.waiting.load(Ordering::SeqCst), m.running.load(Ordering::SeqCst));
-        if waiting >= limit && waiting + running > 0 {
+        let em = state.engine.metrics();
+        let full = em.num_running + em.num_waiting + n > state.engine.scheduler_config().max_num_seqs;
+        if full && em.num_waiting >= limit {
             return Err(ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
-                format!("the queue is full ({limit} waiting requests); retry later"),
+                format!("the queue is full ({} waiting requests, max-queue-len {limit}); retry later", em.num_waiting),
                 None,
             ));
         }
     }
-    m.waiting.fetch_add(1, Ordering::SeqCst);
     let (tx, rx) = mpsc::unbounded_channel();
-    let state = state.clone();
     let start = Instant::now();
-    tokio::task::spawn_blocking(move || {
-        let m = &state.metrics;
-        let mut waiting = true;
-        let mut first = true;
-        let mut last = start;
-        for i in 0..n {
-            if tx.is_closed() {
-                break;
-            }
-            let mut p = params.clone();
-            p.seed = params.seed.map(|s| s.wrapping_add(i as u64));
-            let stream = state.engine.stream(Prompt::Tokens(ids.clone()), &p);
-            if waiting {
-                waiting = false;
-                m.waiting.fetch_sub(1, Ordering::SeqCst);
-                m.running.fetch_add(1, Ordering::SeqCst);
-            }
-            let mut stream = match stream {
-                Ok(s) => s,
-                Err(e) => {
-                    let _ = tx.send(Gen::Failed(ApiError::from_engine(&e)));
+    let mut submitted = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut p = params.clone();
+        p.seed = params.seed.map(|s| s.wrapping_add(i as u64));
+        let (tx, st) = (tx.clone(), state.clone());
+        let mut last: Option<Instant> = None;
+        let sink = move |ev: lvllm_engine::RequestEvent| -> bool {
+            use lvllm_engine::RequestEvent as E;
+            let m = &st.metrics;
+            match ev {
+                E::PromptLogprobs(_) => !tx.is_closed(),
+                E::Delta(d) => {
+                    let now = Instant::now();
+                    match last {
+                        None => m.ttft.observe((now - start).as_secs_f64()),
+                        Some(t) => m.itl.observe((now - t).as_secs_f64()),
+                    }
+                    last = Some(now);
+                    if let Some(f) = d.finish_reason {
+                        m.finished(f);
+                        m.e2e.observe(start.elapsed().as_secs_f64());
+                    }
+                    let ok = tx.send(Gen::Delta(i, d)).is_ok();
+                    if !ok {
+                        m.cancelled.fetch_add(1, Ordering::Relaxed);
+                    }
+                    ok
+                }
+                E::Finished(stats) => {
+                    m.prompt_tokens.fetch_add(stats.prompt_tokens as u64, Ordering::Relaxed);
+                    m.generation_tokens.fetch_add(stats.generated_tokens as u64, Ordering::Relaxed);
+                    tx.send(Gen::Done(i, stats.prompt_tokens, stats.generated_tokens)).is_ok()
+                }
+                E::Failed(e) => {
                     m.failed.fetch_add(1, Ordering::Relaxed);
-                    break;
-                }
-            };
-            let mut generated = 0;
-            let mut cancelled = false;
-            let mut finish = None;
-            for d in stream.by_ref() {
-                match d {
-                    Ok(d) => {
-                        let now = Instant::now();
-                        if first {
-                            m.ttft.observe((now - start).as_secs_f64());
-                            first = false;
-                        } else {
-                            m.itl.observe((now - last).as_secs_f64());
-                        }
-                        last = now;
-                        generated += 1;
-                        finish = d.finish_reason;
-                        if tx.send(Gen::Delta(d)).is_err() {
-                            cancelled = true;
-                            break;
-                        }
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Gen::Failed(ApiError::from_engine(&e)));
-                        m.failed.fetch_add(1, Ordering::Relaxed);
-                        cancelled = true;
-                        break;
-                    }
+                    let _ = tx.send(Gen::Failed(ApiError::from_engine(&e)));
+                    false
                 }
             }
-            m.prompt_tokens.fetch_add(ids.len() as u64, Ordering::Relaxed);
-            m.generation_tokens.fetch_add(generated as u64, Ordering::Relaxed);
-            if cancelled {
-                m.cancelled.fetch_add(1, Ordering::Relaxed);
-                break;
+        };
+        match state.engine.submit_with(Prompt::Tokens(ids.clone()), p, sink) {
+            Ok(id) => submitted.push(id),
+            Err(e) => {
+                for id in submitted {
+                    state.engine.cancel(id);
+                }
+                return Err(ApiError::from_engine(&e));
             }
-            m.finished(finish.unwrap_or(FinishReason::Length));
-            let _ = tx.send(Gen::Done(ids.len(), generated));
         }
-        if waiting {
-            m.waiting.fetch_sub(1, Ordering::SeqCst);
-        } else {
-            m.running.fetch_sub(1, Ordering::SeqCst);
-        }
-        m.e2e.observe(start.elapsed().as_secs_f64());
-    });
+    }
     Ok(rx)
 }
 
@@ -473,17 +452,16 @@ async fn completions_inner(state: Arc<AppState>, body: Bytes) -> Result<Response
         let (etx, erx) = mpsc::unbounded_channel();
         let st = state.clone();
         tokio::spawn(async move {
-            let (mut index, mut prompt_tokens, mut completion_tokens) = (0usize, 0usize, 0usize);
+            let (mut prompt_tokens, mut completion_tokens) = (0usize, 0usize);
             while let Some(ev) = rx.recv().await {
                 let chunk = match ev {
-                    Gen::Delta(d) => {
+                    Gen::Delta(index, d) => {
                         let lp = d.logprobs.as_ref().map(|l| completion_logprobs(&st.engine, std::slice::from_ref(l)));
                         json!({"id": id, "object": "text_completion", "created": created, "model": model,
                                "choices": [{"index": index, "text": d.text, "logprobs": lp,
                                             "finish_reason": d.finish_reason.map(|f| finish_str(Some(f)))}]})
                     }
-                    Gen::Done(p, g) => {
-                        index += 1;
+                    Gen::Done(_, p, g) => {
                         prompt_tokens = p;
                         completion_tokens += g;
                         continue;
@@ -503,29 +481,16 @@ async fn completions_inner(state: Arc<AppState>, body: Bytes) -> Result<Response
         });
         return Ok(sse_response(erx));
     }
-    let mut choices = Vec::new();
-    let (mut text, mut lps, mut finish) = (String::new(), Vec::new(), None);
-    let (mut prompt_tokens, mut completion_tokens) = (0, 0);
-    while let Some(ev) = rx.recv().await {
-        match ev {
-            Gen::Delta(d) => {
-                text.push_str(&d.text);
-                if let Some(l) = d.logprobs {
-                    lps.push(l);
-                }
-                finish = d.finish_reason.or(finish);
-            }
-            Gen::Done(p, g) => {
-                prompt_tokens = p;
-                completion_tokens += g;
-                let logprobs = want_logprobs.map(|_| completion_logprobs(&state.engine, &lps));
-                choices.push(json!({"index": choices.len(), "text": std::mem::take(&mut text),
-                                    "logprobs": logprobs, "finish_reason": finish_str(finish.take())}));
-                lps.clear();
-            }
-            Gen::Failed(e) => return Err(e),
-        }
-    }
+    let outs = collect(&mut rx, c.n).await?;
+    let (prompt_tokens, completion_tokens) = (outs[0].prompt_tokens, outs.iter().map(|o| o.generated).sum());
+    let choices: Vec<Value> = outs
+        .into_iter()
+        .enumerate()
+        .map(|(i, o)| {
+            let logprobs = want_logprobs.map(|_| completion_logprobs(&state.engine, &o.logprobs));
+            json!({"index": i, "text": o.text, "logprobs": logprobs, "finish_reason": finish_str(o.finish)})
+        })
+        .collect();
     Ok(Json(json!({"id": id, "object": "text_completion", "created": created, "model": model,
                    "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}))
     .into_response())
@@ -677,26 +642,26 @@ async fn chat_inner(state: Arc<AppState>, body: Bytes) -> Result<Response, ApiEr
                        "choices": choices})
             };
             let send = |v: Value| etx.send(sse_json(&v)).is_ok();
-            let (mut index, mut prompt_tokens, mut completion_tokens) = (0usize, 0usize, 0usize);
-            let mut parser = spec.build();
-            let mut called = false;
-            let mut started = false;
+            let (mut prompt_tokens, mut completion_tokens) = (0usize, 0usize);
+            let mut parsers: Vec<OutputParser> = (0..c.n).map(|_| spec.build()).collect();
+            let mut called = vec![false; c.n];
+            let mut started = vec![false; c.n];
             while let Some(ev) = rx.recv().await {
                 match ev {
-                    Gen::Delta(d) => {
-                        if !started {
-                            started = true;
+                    Gen::Delta(index, d) => {
+                        if !started[index] {
+                            started[index] = true;
                             if !send(chunk(json!([{"index": index, "delta": {"role": "assistant", "content": ""},
                                                     "logprobs": null, "finish_reason": null}])))
                             {
                                 return;
                             }
                         }
-                        let mut events = parser.push(&d.text);
+                        let mut events = parsers[index].push(&d.text);
                         if d.finish_reason.is_some() {
-                            events.extend(parser.finish());
+                            events.extend(parsers[index].finish());
                         }
-                        called |= events.iter().any(|e| matches!(e, ParseEvent::ToolCallStart { .. }));
+                        called[index] |= events.iter().any(|e| matches!(e, ParseEvent::ToolCallStart { .. }));
                         let lp = d.logprobs.as_ref().map(|l| chat_logprobs(&st.engine, std::slice::from_ref(l)));
                         let mut deltas: Vec<Value> = events.iter().map(delta_of).collect();
                         if deltas.is_empty() && lp.is_some() {
@@ -704,8 +669,7 @@ async fn chat_inner(state: Arc<AppState>, body: Bytes) -> Result<Response, ApiEr
                         }
                         let n = deltas.len();
                         for (i, delta) in deltas.into_iter().enumerate() {
-                            let last = i + 1 == n;
-                            let lp = if last { lp.clone() } else { None };
+                            let lp = if i + 1 == n { lp.clone() } else { None };
                             if !send(chunk(
                                 json!([{"index": index, "delta": delta, "logprobs": lp, "finish_reason": null}]),
                             )) {
@@ -713,7 +677,7 @@ async fn chat_inner(state: Arc<AppState>, body: Bytes) -> Result<Response, ApiEr
                             }
                         }
                         if let Some(f) = d.finish_reason {
-                            let reason = if called { "tool_calls" } else { finish_str(Some(f)) };
+                            let reason = if called[index] { "tool_calls" } else { finish_str(Some(f)) };
                             if !send(chunk(
                                 json!([{"index": index, "delta": {}, "logprobs": null, "finish_reason": reason}]),
                             )) {
@@ -721,13 +685,9 @@ async fn chat_inner(state: Arc<AppState>, body: Bytes) -> Result<Response, ApiEr
                             }
                         }
                     }
-                    Gen::Done(p, g) => {
-                        index += 1;
+                    Gen::Done(_, p, g) => {
                         prompt_tokens = p;
                         completion_tokens += g;
-                        parser = spec.build();
-                        called = false;
-                        started = false;
                     }
                     Gen::Failed(e) => {
                         if !send(e.body()) {
@@ -745,42 +705,64 @@ async fn chat_inner(state: Arc<AppState>, body: Bytes) -> Result<Response, ApiEr
         });
         return Ok(sse_response(erx));
     }
-    let mut choices = Vec::new();
-    let (mut text, mut lps, mut finish) = (String::new(), Vec::new(), None);
-    let (mut prompt_tokens, mut completion_tokens) = (0, 0);
-    while let Some(ev) = rx.recv().await {
-        match ev {
-            Gen::Delta(d) => {
-                text.push_str(&d.text);
-                if let Some(l) = d.logprobs {
-                    lps.push(l);
-                }
-                finish = d.finish_reason.or(finish);
+    let outs = collect(&mut rx, c.n).await?;
+    let (prompt_tokens, completion_tokens) = (outs[0].prompt_tokens, outs.iter().map(|o| o.generated).sum());
+    let choices: Vec<Value> = outs
+        .into_iter()
+        .enumerate()
+        .map(|(i, o)| {
+            let out: ParsedOutput = spec.build().parse(&o.text);
+            let mut message = json!({"role": "assistant", "content": out.content});
+            if let Some(r) = out.reasoning_content {
+                message["reasoning_content"] = json!(r);
             }
-            Gen::Done(p, g) => {
-                prompt_tokens = p;
-                completion_tokens += g;
-                let out: ParsedOutput = spec.build().parse(&std::mem::take(&mut text));
-                let mut message = json!({"role": "assistant", "content": out.content});
-                if let Some(r) = out.reasoning_content {
-                    message["reasoning_content"] = json!(r);
-                }
-                let reason = if out.tool_calls.is_empty() { finish_str(finish.take()) } else { "tool_calls" };
-                if !out.tool_calls.is_empty() {
-                    message["tool_calls"] = json!(out.tool_calls);
-                }
-                let logprobs = want_logprobs.map(|_| chat_logprobs(&state.engine, &lps));
-                choices.push(json!({"index": choices.len(), "message": message, "logprobs": logprobs,
-                                    "finish_reason": reason}));
-                lps.clear();
-                finish = None;
+            let reason = if out.tool_calls.is_empty() { finish_str(o.finish) } else { "tool_calls" };
+            if !out.tool_calls.is_empty() {
+                message["tool_calls"] = json!(out.tool_calls);
             }
-            Gen::Failed(e) => return Err(e),
-        }
-    }
+            let logprobs = want_logprobs.map(|_| chat_logprobs(&state.engine, &o.logprobs));
+            json!({"index": i, "message": message, "logprobs": logprobs, "finish_reason": reason})
+        })
+        .collect();
     Ok(Json(json!({"id": id, "object": "chat.completion", "created": created, "model": model,
                    "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}))
     .into_response())
+}
+
+/// One finished choice.
+#[derive(Default)]
+struct ChoiceOut {
+    text: String,
+    logprobs: Vec<TokenLogprobs>,
+    finish: Option<FinishReason>,
+    prompt_tokens: usize,
+    generated: usize,
+}
+
+/// Gathers the `n` choices of a non-streaming request.
+async fn collect(rx: &mut mpsc::UnboundedReceiver<Gen>, n: usize) -> Result<Vec<ChoiceOut>, ApiError> {
+    let mut outs: Vec<ChoiceOut> = (0..n).map(|_| ChoiceOut::default()).collect();
+    let mut done = 0;
+    while done < n {
+        match rx.recv().await {
+            Some(Gen::Delta(i, d)) => {
+                let o = &mut outs[i];
+                o.text.push_str(&d.text);
+                o.logprobs.extend(d.logprobs);
+                o.finish = d.finish_reason.or(o.finish);
+            }
+            Some(Gen::Done(i, p, g)) => {
+                outs[i].prompt_tokens = p;
+                outs[i].generated = g;
+                done += 1;
+            }
+            Some(Gen::Failed(e)) => return Err(e),
+            None => {
+                return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the engine dropped the request", None))
+            }
+        }
+    }
+    Ok(outs)
 }
 
 /// One streamed chat `delta` for a parser event.
@@ -824,7 +806,7 @@ async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
 async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     let mut h = HeaderMap::new();
     h.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; version=0.0.4"));
-    (h, state.metrics.render(&state.opts.served_model_name))
+    (h, state.metrics.render(&state.opts.served_model_name, &state.engine.metrics()))
 }
 
 /// A Prometheus histogram with fixed buckets.
@@ -868,8 +850,6 @@ const E2E_BUCKETS: &[f64] = &[0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0
 /// Server metrics, rendered with vLLM's names under an `lvllm:` prefix.
 #[derive(Debug)]
 struct Metrics {
-    running: AtomicUsize,
-    waiting: AtomicUsize,
     prompt_tokens: AtomicU64,
     generation_tokens: AtomicU64,
     finished: Mutex<BTreeMap<&'static str, u64>>,
@@ -883,8 +863,6 @@ struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics {
-            running: AtomicUsize::new(0),
-            waiting: AtomicUsize::new(0),
             prompt_tokens: AtomicU64::new(0),
             generation_tokens: AtomicU64::new(0),
             finished: Mutex::new(BTreeMap::new()),
@@ -902,7 +880,7 @@ impl Metrics {
         *self.finished.lock().unwrap_or_else(|e| e.into_inner()).entry(finish_str(Some(f))).or_default() += 1;
     }
 
-    fn render(&self, model: &str) -> String {
+    fn render(&self, model: &str, em: &lvllm_engine::EngineMetrics) -> String {
         let labels = format!("model_name=\"{}\"", model.replace('\\', "\\\\").replace('"', "\\\""));
         let mut out = String::new();
         let mut one = |name: &str, kind: &str, help: &str, v: String| {
@@ -911,14 +889,29 @@ impl Metrics {
         one(
             "lvllm:num_requests_running",
             "gauge",
-            "Requests generating.",
-            self.running.load(Ordering::Relaxed).to_string(),
+            "Requests in the engine's running batch.",
+            em.num_running.to_string(),
+        );
+        one("lvllm:num_requests_waiting", "gauge", "Requests waiting to be scheduled.", em.num_waiting.to_string());
+        let usage = if em.kv_blocks_total == 0 { 0.0 } else { em.kv_blocks_used as f64 / em.kv_blocks_total as f64 };
+        one("lvllm:kv_cache_usage_perc", "gauge", "Fraction of KV-cache blocks in use (0-1).", usage.to_string());
+        one(
+            "lvllm:prefix_cache_queries_total",
+            "counter",
+            "Prompt tokens looked up in the prefix cache.",
+            em.prefix_cache_queried_tokens.to_string(),
         );
         one(
-            "lvllm:num_requests_waiting",
-            "gauge",
-            "Requests waiting for the engine.",
-            self.waiting.load(Ordering::Relaxed).to_string(),
+            "lvllm:prefix_cache_hits_total",
+            "counter",
+            "Prompt tokens found in the prefix cache.",
+            em.prefix_cache_hit_tokens.to_string(),
+        );
+        one(
+            "lvllm:num_preemptions_total",
+            "counter",
+            "Requests preempted (recomputed) for lack of KV blocks.",
+            em.num_preemptions.to_string(),
         );
         one(
             "lvllm:prompt_tokens_total",

@@ -15,24 +15,30 @@ use serde_json::{json, Value};
 const MODEL: &str = "tiny";
 const KEY: &str = "sekret";
 
+fn new_engine(max_num_seqs: usize) -> Arc<Engine> {
+    Arc::new(
+        Engine::builder()
+            .embedded(lvllm_server::bundled::tiny_model())
+            .device(Device::Cpu)
+            .threads(ThreadOptions { count: Some(1), binding: Binding::CpuCore, power_saving: true })
+            .max_num_seqs(max_num_seqs)
+            .build()
+            .unwrap(),
+    )
+}
+
 fn engine() -> Arc<Engine> {
     static E: OnceLock<Arc<Engine>> = OnceLock::new();
-    E.get_or_init(|| {
-        Arc::new(
-            Engine::builder()
-                .embedded(lvllm_server::bundled::tiny_model())
-                .device(Device::Cpu)
-                .threads(ThreadOptions { count: Some(1), binding: Binding::CpuCore, power_saving: true })
-                .build()
-                .unwrap(),
-        )
-    })
-    .clone()
+    E.get_or_init(|| new_engine(64)).clone()
 }
 
 /// Starts a server on a free loopback port; it runs until the test process ends.
 fn start(opts: ServerOptions) -> SocketAddr {
-    let state = AppState::new(engine(), opts);
+    start_with(engine(), opts)
+}
+
+fn start_with(engine: Arc<Engine>, opts: ServerOptions) -> SocketAddr {
+    let state = AppState::new(engine, opts);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
@@ -149,6 +155,10 @@ fn health_models_and_metrics() {
     );
     let text = http(a, "GET", "/metrics", &[], "").body;
     for name in [
+        "lvllm:kv_cache_usage_perc",
+        "lvllm:prefix_cache_queries_total",
+        "lvllm:prefix_cache_hits_total",
+        "lvllm:num_preemptions_total",
         "lvllm:num_requests_running",
         "lvllm:num_requests_waiting",
         "lvllm:prompt_tokens_total",
@@ -350,7 +360,9 @@ fn api_key_and_auto_tool_choice_settings() {
 
 #[test]
 fn a_full_queue_is_429_and_a_gone_client_is_cancelled() {
-    let a = start(ServerOptions { max_queue_len: Some(0), ..options() });
+    // An engine that runs one sequence at a time, and no room to wait.
+    let eng = new_engine(1);
+    let a = start_with(eng.clone(), ServerOptions { max_queue_len: Some(0), ..options() });
     // One long streamed request holds the engine; the client reads its first
     // bytes and then disconnects.
     let mut s = TcpStream::connect(a).unwrap();
@@ -361,6 +373,11 @@ fn a_full_queue_is_429_and_a_gone_client_is_cancelled() {
     let mut first = [0u8; 64];
     let n = s.read(&mut first).unwrap();
     assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
+    let t = std::time::Instant::now();
+    while eng.metrics().num_running == 0 {
+        assert!(t.elapsed().as_secs() < 30, "the long request never ran");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     // Meanwhile another request would have to wait: refused.
     let r = post(a, "/v1/completions", json!({"prompt": "hi", "max_tokens": 2}));
     assert_eq!(r.status, 429, "{}", r.body);
@@ -378,4 +395,38 @@ fn a_full_queue_is_429_and_a_gone_client_is_cancelled() {
     }
     let text = http(a, "GET", "/metrics", &[], "").body;
     assert!(text.lines().any(|l| l.starts_with("lvllm:request_cancelled_total{") && !l.ends_with(" 0")), "{text}");
+}
+
+/// Concurrent HTTP requests are batched by the engine's scheduler and each
+/// returns what it returns alone.
+#[test]
+fn concurrent_requests_are_batched_and_equal_to_alone() {
+    let engine = new_engine(16);
+    let a = start_with(engine.clone(), options());
+    let questions =
+        ["What is the capital of France?", "Hello, who are you?", "What is 7 plus 5?", "What color is the sky?"];
+    let alone: Vec<Value> = questions
+        .iter()
+        .map(|q| {
+            post(a, "/v1/chat/completions", chat_body(q, json!({}))).json()["choices"][0]["message"]["content"].clone()
+        })
+        .collect();
+    let handles: Vec<_> = (0..12)
+        .map(|i| {
+            let q = questions[i % questions.len()];
+            std::thread::spawn(move || post(a, "/v1/chat/completions", chat_body(q, json!({}))).json())
+        })
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        let v = h.join().unwrap();
+        assert_eq!(v["choices"][0]["message"]["content"], alone[i % questions.len()], "request {i}");
+    }
+    assert!(engine.metrics().peak_running > 1, "{:?}", engine.metrics());
+    // The same prompt again hits the prefix cache.
+    let before = engine.metrics().prefix_cache_hit_tokens;
+    let long = "Tell me about the sun. ".repeat(12);
+    for _ in 0..2 {
+        assert_eq!(post(a, "/v1/completions", json!({"prompt": long, "max_tokens": 2})).status, 200);
+    }
+    assert!(engine.metrics().prefix_cache_hit_tokens > before, "{:?}", engine.metrics());
 }
