@@ -36,6 +36,15 @@ pub struct SamplingParams {
     pub prompt_logprobs: Option<usize>,
     /// Leave special tokens out of the text.
     pub skip_special_tokens: bool,
+    /// Subtracted from the logit of every token already generated (OpenAI
+    /// `presence_penalty`, in [-2, 2]).
+    pub presence_penalty: f32,
+    /// Subtracted once per earlier occurrence in the output (OpenAI
+    /// `frequency_penalty`, in [-2, 2]).
+    pub frequency_penalty: f32,
+    /// Divides positive and multiplies negative logits of every token in the
+    /// prompt or the output (HF / vLLM `repetition_penalty`, > 0; 1 = off).
+    pub repetition_penalty: f32,
 }
 
 impl Default for SamplingParams {
@@ -53,6 +62,9 @@ impl Default for SamplingParams {
             logprobs: None,
             prompt_logprobs: None,
             skip_special_tokens: true,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
         }
     }
 }
@@ -90,7 +102,20 @@ impl SamplingParams {
         if self.stop.iter().any(String::is_empty) {
             return bad("stop strings must not be empty".into());
         }
+        for (name, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+            if !(-2.0..=2.0).contains(&v) {
+                return bad(format!("{name} must be in [-2, 2], got {v}"));
+            }
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return bad(format!("repetition_penalty must be a finite number > 0, got {}", self.repetition_penalty));
+        }
         Ok(())
+    }
+
+    /// Whether any penalty changes the logits.
+    pub fn has_penalties(&self) -> bool {
+        self.presence_penalty != 0.0 || self.frequency_penalty != 0.0 || self.repetition_penalty != 1.0
     }
 }
 
@@ -198,6 +223,35 @@ pub fn argmax(v: &[f32]) -> u32 {
     best as u32
 }
 
+/// Applies the penalties of `p` to `logits` in place, as vLLM does: the
+/// repetition penalty to every token in `prompt` or `output` (positive logits
+/// divided by it, negative ones multiplied), then `frequency_penalty × count`
+/// and `presence_penalty` for each token of `output`.
+pub fn apply_penalties(logits: &mut [f32], p: &SamplingParams, prompt: &[u32], output: &[u32]) {
+    if p.repetition_penalty != 1.0 {
+        let mut seen = vec![false; logits.len()];
+        for &t in prompt.iter().chain(output) {
+            if let Some(s) = seen.get_mut(t as usize) {
+                *s = true;
+            }
+        }
+        for (l, _) in logits.iter_mut().zip(&seen).filter(|(_, &s)| s) {
+            *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+        }
+    }
+    if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+        let mut counts = std::collections::HashMap::<u32, u32>::new();
+        for &t in output {
+            *counts.entry(t).or_default() += 1;
+        }
+        for (t, c) in counts {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l -= p.frequency_penalty * c as f32 + p.presence_penalty;
+            }
+        }
+    }
+}
+
 /// Picks the next token from a logits row.
 pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut Rng) -> u32 {
     if p.temperature == 0.0 || p.top_k == Some(1) {
@@ -246,6 +300,32 @@ pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut Rng) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn penalties_follow_vllm() {
+        let p = SamplingParams {
+            presence_penalty: 0.5,
+            frequency_penalty: 0.25,
+            repetition_penalty: 2.0,
+            ..Default::default()
+        };
+        let mut l = vec![4.0, -4.0, 4.0, 1.0, 1.0];
+        // Prompt has token 0; output has token 1 twice and token 2 once.
+        apply_penalties(&mut l, &p, &[0], &[1, 2, 1]);
+        assert_eq!(l, vec![2.0, -8.0 - 0.5 - 0.5, 2.0 - 0.25 - 0.5, 1.0, 1.0]);
+        let off = SamplingParams::default();
+        let mut same = vec![1.0, 2.0];
+        apply_penalties(&mut same, &off, &[0, 1], &[0, 1]);
+        assert_eq!(same, vec![1.0, 2.0]);
+        assert!(!off.has_penalties() && p.has_penalties());
+        for bad in [
+            SamplingParams { presence_penalty: 2.5, ..Default::default() },
+            SamplingParams { frequency_penalty: -3.0, ..Default::default() },
+            SamplingParams { repetition_penalty: 0.0, ..Default::default() },
+        ] {
+            assert!(bad.validate().is_err());
+        }
+    }
 
     fn params(f: impl FnOnce(&mut SamplingParams)) -> SamplingParams {
         let mut p = SamplingParams::default();

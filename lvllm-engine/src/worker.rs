@@ -63,6 +63,8 @@ impl std::fmt::Debug for Command {
 /// A request's output state on the model loop.
 struct Active<'t> {
     sink: Sink,
+    /// Prompt and generated ids, kept when a penalty needs them.
+    penalty_tokens: Option<(Vec<u32>, Vec<u32>)>,
     params: SamplingParams,
     rng: Rng,
     decoder: Option<IncrementalDecoder<'t>>,
@@ -83,6 +85,7 @@ impl<'t> Active<'t> {
             shared.tokenizer.as_ref().map(|t| t.incremental_decoder_after(&s.prompt, s.params.skip_special_tokens));
         let a = Active {
             sink: s.sink,
+            penalty_tokens: s.params.has_penalties().then(|| (s.prompt.clone(), Vec::new())),
             rng: s.params.seed.map(Rng::new).unwrap_or_else(Rng::from_entropy),
             prompt_logprobs: s.params.prompt_logprobs.map(|_| vec![None]),
             params: s.params,
@@ -100,7 +103,17 @@ impl<'t> Active<'t> {
 
     /// Samples from `logits` and builds the delta; `true` when the request is done.
     fn on_logits(&mut self, logits: &[f32], eos: &[u32]) -> Result<(StreamDelta, bool)> {
-        let token = sampling::sample(logits, &self.params, &mut self.rng);
+        let token = match &mut self.penalty_tokens {
+            None => sampling::sample(logits, &self.params, &mut self.rng),
+            Some((prompt, output)) => {
+                let mut penalized = logits.to_vec();
+                sampling::apply_penalties(&mut penalized, &self.params, prompt, output);
+                let t = sampling::sample(&penalized, &self.params, &mut self.rng);
+                output.push(t);
+                t
+            }
+        };
+        // Logprobs are of the raw logits, as vLLM reports them by default.
         let logprobs = self.params.logprobs.map(|k| sampling::logprobs_of(logits, token, k));
         self.generated += 1;
         self.stats.generated_tokens = self.generated;

@@ -273,15 +273,14 @@ fn common(body: &Body, state: &AppState, max_tokens_keys: &[&str]) -> Result<Com
             .and_then(|a| a.iter().map(|v| v.as_u64().map(|x| x as u32)).collect())
             .ok_or_else(|| ApiError::bad("`stop_token_ids` must be an array of token ids", "stop_token_ids"))?;
     }
-    for (key, neutral) in [("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0)] {
-        if let Some(v) = body.f64(key)? {
-            if v != neutral {
-                return Err(ApiError::bad(
-                    format!("`{key}` other than {neutral} is not supported yet (penalties are not built)"),
-                    key,
-                ));
-            }
-        }
+    if let Some(v) = body.f64("presence_penalty")? {
+        p.presence_penalty = v as f32;
+    }
+    if let Some(v) = body.f64("frequency_penalty")? {
+        p.frequency_penalty = v as f32;
+    }
+    if let Some(v) = body.f64("repetition_penalty")? {
+        p.repetition_penalty = v as f32;
     }
     p.validate().map_err(|e| ApiError::from_engine(&e))?;
     let n = body.u64("n")?.unwrap_or(1);

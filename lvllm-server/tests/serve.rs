@@ -430,3 +430,36 @@ fn concurrent_requests_are_batched_and_equal_to_alone() {
     }
     assert!(engine.metrics().prefix_cache_hit_tokens > before, "{:?}", engine.metrics());
 }
+
+/// Penalties change greedy output as vLLM's do: a huge repetition penalty
+/// forbids every token of the prompt and of the output so far.
+#[test]
+fn penalties_reach_the_sampler() {
+    let a = default_server();
+    let body = |extra: Value| {
+        let mut b =
+            json!({"prompt": "the the the the", "max_tokens": 24, "temperature": 0, "ignore_eos": true, "logprobs": 0});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    let plain = post(a, "/v1/completions", body(json!({}))).json();
+    let penalized = post(a, "/v1/completions", body(json!({"repetition_penalty": 1e6}))).json();
+    let toks = |v: &Value| -> Vec<String> {
+        v["choices"][0]["logprobs"]["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap().to_string())
+            .collect()
+    };
+    let (p, q) = (toks(&plain), toks(&penalized));
+    assert_eq!((p.len(), q.len()), (24, 24));
+    let distinct = |t: &[String]| t.iter().collect::<std::collections::HashSet<_>>().len();
+    assert!(distinct(&p) < p.len(), "the plain greedy output repeats a token: {p:?}");
+    assert_eq!(distinct(&q), q.len(), "no token repeats under a huge repetition penalty: {q:?}");
+    assert!(!q.iter().any(|t| t.trim() == "the"), "prompt tokens are penalized too: {q:?}");
+    let presence = post(a, "/v1/completions", body(json!({"presence_penalty": 2.0, "frequency_penalty": 2.0}))).json();
+    assert_ne!(toks(&presence), p, "presence/frequency penalties change the greedy output");
+}
