@@ -116,9 +116,28 @@ pub struct EngineBuilder {
     max_num_seqs: Option<usize>,
     max_num_batched_tokens: Option<usize>,
     enable_prefix_caching: Option<bool>,
+    load_progress: Option<ProgressHook>,
+}
+
+/// A load-progress callback (Debug-printable for the builder).
+#[derive(Clone)]
+struct ProgressHook(lvllm_models::ProgressFn);
+
+impl std::fmt::Debug for ProgressHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProgressHook")
+    }
 }
 
 impl EngineBuilder {
+    /// Calls `f` while the model loads, each time a tensor of the checkpoint is
+    /// taken (from the loading thread), with the tensors and bytes so far and
+    /// the totals; for progress bars and log lines.
+    pub fn on_load_progress(mut self, f: impl Fn(lvllm_models::LoadProgress) + Send + Sync + 'static) -> Self {
+        self.load_progress = Some(ProgressHook(std::sync::Arc::new(f)));
+        self
+    }
+
     /// Loads the model in a Hugging Face directory.
     pub fn model(mut self, dir: impl AsRef<Path>) -> Self {
         self.source = Some(ModelSource::Dir(dir.as_ref().to_path_buf()));
@@ -228,10 +247,19 @@ impl EngineBuilder {
         self
     }
 
+    fn with_progress(&self, w: WeightSource) -> WeightSource {
+        match &self.load_progress {
+            Some(h) => w.with_progress(h.0.clone()),
+            None => w,
+        }
+    }
+
     /// Loads the model and tokenizer, sizes the KV cache and starts the model loop.
-    pub fn build(self) -> Result<Engine> {
-        let source =
-            self.source.ok_or_else(|| Error::Config("no model given: call .model(dir) or .embedded(..)".into()))?;
+    pub fn build(mut self) -> Result<Engine> {
+        let source = self
+            .source
+            .take()
+            .ok_or_else(|| Error::Config("no model given: call .model(dir) or .embedded(..)".into()))?;
         let (config, weights, tokenizer, name) = match &source {
             ModelSource::Dir(dir) => {
                 let path = dir.join("config.json");
@@ -239,7 +267,7 @@ impl EngineBuilder {
                     .map_err(|source| Error::ModelLoad(lvllm_models::Error::Io { path: path.clone(), source }))?;
                 let config = ModelConfig::from_json(&bytes, &path.display().to_string()).map_err(Error::ModelLoad)?;
                 let weights = match self.load_format {
-                    LoadFormat::Auto => WeightSource::from_dir(dir).map_err(Error::ModelLoad)?,
+                    LoadFormat::Auto => self.with_progress(WeightSource::from_dir(dir).map_err(Error::ModelLoad)?),
                     LoadFormat::Dummy => WeightSource::from_files(Vec::new()),
                 };
                 (config, weights, Tokenizer::from_dir(dir)?, dir.display().to_string())
@@ -253,7 +281,7 @@ impl EngineBuilder {
                     Some(t) => Some(Tokenizer::from_bytes(t, m.tokenizer_config_json, m.generation_config_json, None)?),
                     None => None,
                 };
-                (config, WeightSource::from_files(vec![file]), tokenizer, m.name.to_string())
+                (config, self.with_progress(WeightSource::from_files(vec![file])), tokenizer, m.name.to_string())
             }
         };
         let block_size = self.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);

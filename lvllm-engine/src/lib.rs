@@ -43,6 +43,7 @@ pub use engine::{
     GenerationStats, GenerationStream, ModelSource, MoeWeight, Prompt, StreamDelta, ThreadOptions,
 };
 pub use error::{Error, Result};
+pub use lvllm_models::LoadProgress;
 pub use placement::{LayerSet, LoadFormat, MoePlacement};
 pub use request::{EngineMetrics, RequestEvent, RequestHandle, RequestId};
 pub use sampling::{SamplingParams, TokenLogprobs, TopLogprob};

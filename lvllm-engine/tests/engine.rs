@@ -199,3 +199,28 @@ fn missing_tensor_is_named() {
     let e = load_err(d.path());
     assert!(e.contains("model.layers.2.self_attn.k_norm.weight") && e.contains("not found"), "{e}");
 }
+
+/// `on_load_progress` reports every tensor of the checkpoint once, in growing
+/// counts that end at the totals.
+#[test]
+fn load_progress_counts_tensors_and_bytes() {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let _engine = Engine::builder()
+        .model(fixture("qwen3_moe_sharded"))
+        .on_load_progress(move |p| s.lock().unwrap().push(p))
+        .build()
+        .unwrap();
+    let seen = seen.lock().unwrap();
+    let last = *seen.last().expect("progress was reported");
+    assert_eq!((last.tensors, last.bytes), (last.total_tensors, last.total_bytes), "{last:?}");
+    assert_eq!(seen.len(), last.total_tensors);
+    assert!(seen.windows(2).all(|w| w[1].tensors == w[0].tensors + 1 && w[1].bytes > w[0].bytes));
+    let files: u64 = std::fs::read_dir(fixture("qwen3_moe_sharded"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors") && !p.ends_with("reference.safetensors"))
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
+    assert!(last.total_bytes <= files && last.total_bytes * 10 > files * 9, "{last:?} vs {files} bytes of files");
+}

@@ -25,7 +25,7 @@ use std::path::Path;
 pub use cache::{CacheConfig, ForwardBatch, LayerCacheSpec, Logits, LogitsSelection, ModelCache, SeqSpan};
 pub use config::ModelConfig;
 pub use error::{Error, Result};
-pub use safetensors::{SafetensorsFile, WeightSource};
+pub use safetensors::{LoadProgress, ProgressFn, SafetensorsFile, WeightSource};
 
 /// How to load a model: the worker pool that runs the CPU experts and their
 /// runtime format.

@@ -130,11 +130,39 @@ struct IndexFile {
     weight_map: HashMap<String, String>,
 }
 
+/// How far loading has got: the distinct tensors handed to the model so far,
+/// and their bytes as stored, out of the checkpoint's totals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadProgress {
+    /// Tensors loaded.
+    pub tensors: usize,
+    /// Tensors in the checkpoint.
+    pub total_tensors: usize,
+    /// Bytes of the loaded tensors.
+    pub bytes: u64,
+    /// Bytes of all tensors.
+    pub total_bytes: u64,
+}
+
+/// A progress callback of [`WeightSource::with_progress`].
+pub type ProgressFn = std::sync::Arc<dyn Fn(LoadProgress) + Send + Sync>;
+
+struct Progress {
+    callback: ProgressFn,
+    seen: std::sync::Mutex<(std::collections::HashSet<String>, LoadProgress)>,
+}
+
 /// All tensors of a checkpoint, looked up by Hugging Face name.
-#[derive(Debug)]
 pub struct WeightSource {
     files: Vec<SafetensorsFile>,
     by_name: HashMap<String, usize>,
+    progress: Option<Progress>,
+}
+
+impl std::fmt::Debug for WeightSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WeightSource").field("files", &self.files).field("tensors", &self.by_name.len()).finish()
+    }
 }
 
 impl WeightSource {
@@ -185,7 +213,37 @@ impl WeightSource {
                 by_name.entry(n.to_string()).or_insert(i);
             }
         }
-        WeightSource { files, by_name }
+        WeightSource { files, by_name, progress: None }
+    }
+
+    /// Calls `callback` each time the model takes a tensor it had not taken yet
+    /// (from the loading thread), with the counts so far.
+    pub fn with_progress(mut self, callback: ProgressFn) -> Self {
+        let (mut total_tensors, mut total_bytes) = (0, 0u64);
+        for (name, &i) in &self.by_name {
+            if let Some(info) = self.files[i].tensors.get(name) {
+                total_tensors += 1;
+                total_bytes += (info.end - info.start) as u64;
+            }
+        }
+        let start = LoadProgress { tensors: 0, total_tensors, bytes: 0, total_bytes };
+        self.progress = Some(Progress { callback, seen: std::sync::Mutex::new((Default::default(), start)) });
+        self
+    }
+
+    fn note(&self, name: &str, i: usize) {
+        let Some(p) = &self.progress else { return };
+        let mut g = p.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if !g.0.insert(name.to_string()) {
+            return;
+        }
+        if let Some(info) = self.files[i].tensors.get(name) {
+            g.1.tensors += 1;
+            g.1.bytes += (info.end - info.start) as u64;
+        }
+        let now = g.1;
+        drop(g);
+        (p.callback)(now);
     }
 
     /// Whether a tensor exists.
@@ -206,7 +264,9 @@ impl WeightSource {
     pub fn get(&self, name: &str) -> Result<HostTensor> {
         let missing = || Error::MissingTensor { name: name.to_string(), files: self.file_list() };
         let &i = self.by_name.get(name).ok_or_else(missing)?;
-        self.files[i].get(name).ok_or_else(missing)?
+        let t = self.files[i].get(name).ok_or_else(missing)??;
+        self.note(name, i);
+        Ok(t)
     }
 
     /// A float tensor by name, checked against the shape the config implies.

@@ -239,7 +239,8 @@ fn build_engine(args: &EngineArgs) -> anyhow::Result<Engine> {
         .moe_placement(args.moe_placement)
         .gpu_resident_moe_layers(args.gpu_resident_moe_layers.clone())
         .load_format(args.load_format)
-        .enforce_eager(args.enforce_eager);
+        .enforce_eager(args.enforce_eager)
+        .on_load_progress(load_progress_lines());
     builder = match &args.model {
         Some(dir) => builder.model(dir),
         None => builder.embedded(bundled::tiny_model()),
@@ -274,7 +275,8 @@ fn serve(args: &[String]) -> anyhow::Result<()> {
         .gpu_resident_moe_layers(cfg.gpu_resident_moe_layers.clone())
         .load_format(cfg.load_format)
         .enforce_eager(cfg.enforce_eager)
-        .gpu_memory_utilization(cfg.gpu_memory_utilization);
+        .gpu_memory_utilization(cfg.gpu_memory_utilization)
+        .on_load_progress(load_progress_lines());
     builder = match &cfg.model {
         Some(dir) => builder.model(dir),
         None => builder.embedded(bundled::tiny_model()),
@@ -321,6 +323,32 @@ fn serve(args: &[String]) -> anyhow::Result<()> {
         eprintln!("drained; bye");
         Ok(())
     })
+}
+
+/// Log lines while a model loads: one per tenth of the checkpoint's bytes, from
+/// the first second on (small models load silently).
+fn load_progress_lines() -> impl Fn(lvllm_engine::LoadProgress) + Send + Sync + 'static {
+    let start = std::time::Instant::now();
+    let printed = std::sync::Mutex::new(0u64);
+    move |p| {
+        if p.total_bytes == 0 || start.elapsed() < std::time::Duration::from_secs(1) {
+            return;
+        }
+        let tenth = p.bytes * 10 / p.total_bytes;
+        let mut last = printed.lock().unwrap_or_else(|e| e.into_inner());
+        if tenth > *last {
+            *last = tenth;
+            eprintln!(
+                "loading: {:3}% ({:.1} of {:.1} GB, {} of {} tensors, {:.0} s)",
+                tenth * 10,
+                p.bytes as f64 / 1e9,
+                p.total_bytes as f64 / 1e9,
+                p.tensors,
+                p.total_tensors,
+                start.elapsed().as_secs_f64()
+            );
+        }
+    }
 }
 
 fn bench(args: BenchArgs) -> anyhow::Result<()> {
