@@ -204,6 +204,7 @@ impl Gpu {
     /// # Safety
     /// `dst` is a live allocation of this context with room for `data`.
     pub unsafe fn upload_to<T: DeviceRepr>(&self, data: &[T], dst: u64) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(drv)?;
         // SAFETY: forwarded contract; the source slice is valid for its length.
         unsafe { cudarc::driver::result::memcpy_htod_async(dst, data, self.stream.cu_stream()) }.map_err(drv)
     }
@@ -236,7 +237,14 @@ impl Gpu {
         Ok(2.0 * (n * 4) as f64 / best / 1e9)
     }
 
-    /// Waits for all queued work.
+    /// Makes this GPU's context current on the calling thread: a model used from
+    /// another thread than the one that opened it (the engine's model loop)
+    /// calls this first, so raw driver and cuBLAS calls find their context.
+    pub fn bind_to_thread(&self) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(drv)
+    }
+
+    /// Waits for all work queued on this GPU's stream.
     pub fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(drv)
     }
@@ -546,6 +554,9 @@ impl Gpu {
     /// `addr` is a live, 4-byte aligned mapped or device address of this context.
     pub unsafe fn write_value32(&self, addr: u64, value: u32) -> Result<()> {
         use cudarc::driver::sys;
+        // Raw driver calls need the context current on this thread (the engine's
+        // model loop is not the thread that created it).
+        self.ctx.bind_to_thread().map_err(drv)?;
         // SAFETY: the caller guarantees `addr`; the stream is this GPU's.
         unsafe { sys::cuStreamWriteValue32_v2(self.stream.cu_stream(), addr, value, 0) }.result().map_err(drv)
     }
@@ -558,6 +569,7 @@ impl Gpu {
     /// and something will write `value` there, or the stream never proceeds.
     pub unsafe fn wait_value32(&self, addr: u64, value: u32) -> Result<()> {
         use cudarc::driver::sys;
+        self.ctx.bind_to_thread().map_err(drv)?;
         let eq = sys::CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_EQ as u32;
         // SAFETY: as above.
         unsafe { sys::cuStreamWaitValue32_v2(self.stream.cu_stream(), addr, value, eq) }.result().map_err(drv)
@@ -567,6 +579,7 @@ impl Gpu {
     /// (`Ok(false)`), or has failed.
     pub fn stream_busy(&self) -> Result<bool> {
         use cudarc::driver::sys::{self, CUresult};
+        self.ctx.bind_to_thread().map_err(drv)?;
         // SAFETY: the stream handle is this GPU's and alive.
         match unsafe { sys::cuStreamQuery(self.stream.cu_stream()) } {
             CUresult::CUDA_SUCCESS => Ok(false),

@@ -554,6 +554,8 @@ impl CudaQwen3Moe {
     pub fn forward(&self, batch: &ForwardBatch<'_>) -> Result<Logits> {
         let cfg = &self.cfg;
         let g = &*self.gpu;
+        // The engine's model loop is not the thread that loaded the model.
+        g.bind_to_thread().map_err(gpu_err)?;
         let n = batch.tokens.len();
         let (h, hd, nh, nkv) = (cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads);
         let shape = crate::CacheConfig { block_size: self.block_size, num_blocks: self.num_blocks };
