@@ -296,7 +296,7 @@ pub const SETTINGS: &[Setting] = &[
     s("compilation-config.mode", None, K::Any, "—", "vLLM torch.compile level: accepted, ignored (warning)"),
     s("enforce-eager", None, K::Bool, "false", "no CUDA graphs"),
     s("api-key", None, K::Text, "none", "require `Authorization: Bearer KEY`"),
-    s("max-queue-len", None, K::Int, "unbounded", "waiting requests before new ones get HTTP 503"),
+    s("max-queue-len", None, K::Int, "unbounded", "waiting requests before new ones get HTTP 429"),
     s("chat-template", None, K::Text, "model's", "Jinja chat template file overriding the model's"),
     s("load-format", None, K::Choice, "auto", "`auto` · `safetensors` · `dummy` (random weights)"),
     s("speculative-config", None, K::Any, "—", "speculative decoding: not built yet (error)"),
@@ -1051,12 +1051,37 @@ impl Default for ServeConfig {
 /// The README table of settings (Markdown), generated from [`SETTINGS`]. YAML keys
 /// and flags accept `_` for `-` everywhere; the table shows the `-` spelling.
 pub fn settings_table() -> String {
-    let mut out = String::from("| YAML key | CLI flag | seed env var | default | meaning |\n|---|---|---|---|---|\n");
+    let mut out = String::from(
+        "| YAML key | CLI flag | seed env var | `EngineBuilder` method | default | meaning |\n|---|---|---|---|---|---|\n",
+    );
     for s in SETTINGS {
         let env = s.env.map_or("—".to_string(), |e| format!("`{e}`"));
-        out.push_str(&format!("| `{}` | `--{}` | {env} | {} | {} |\n", s.key, s.key, s.default, s.doc));
+        let builder = builder_method(s.key).map_or("—".to_string(), |m| format!("`{m}`"));
+        out.push_str(&format!("| `{}` | `--{}` | {env} | {builder} | {} | {} |\n", s.key, s.key, s.default, s.doc));
     }
     out
+}
+
+/// The `lvllm_engine::EngineBuilder` method that takes a setting, for the
+/// settings table (`None`: a setting of the server itself, or one not built).
+pub fn builder_method(key: &str) -> Option<&'static str> {
+    Some(match key {
+        "model" => ".model(dir)",
+        "max-model-len" => ".max_model_len(n)",
+        "max-num-seqs" => ".max_num_seqs(n)",
+        "max-num-batched-tokens" => ".max_num_batched_tokens(n)",
+        "gpu-memory-utilization" => ".gpu_memory_utilization(f)",
+        "enable-prefix-caching" => ".enable_prefix_caching(b)",
+        "enforce-eager" => ".enforce_eager(b)",
+        "load-format" => ".load_format(LoadFormat)",
+        "moe-placement" => ".moe_placement(MoePlacement)",
+        "moe-weight" => ".moe_weight(MoeWeight)",
+        "gpu-resident-moe-layers" => ".gpu_resident_moe_layers(LayerSet)",
+        "threads" => ".threads(ThreadOptions { count, .. })",
+        "thread-binding" => ".threads(ThreadOptions { binding, .. })",
+        "power-saving" => ".threads(ThreadOptions { power_saving, .. })",
+        _ => return None,
+    })
 }
 
 #[cfg(test)]

@@ -305,9 +305,15 @@ fn bad_requests_are_openai_errors() {
         ("/v1/chat/completions", chat_body("hi", json!({"model": "gpt-4"})).to_string(), 404, "gpt-4"),
         (
             "/v1/chat/completions",
-            chat_body("hi", json!({"presence_penalty": 0.5})).to_string(),
+            chat_body("hi", json!({"presence_penalty": 2.5})).to_string(),
             400,
-            "not supported yet",
+            "presence_penalty",
+        ),
+        (
+            "/v1/chat/completions",
+            chat_body("hi", json!({"repetition_penalty": 0})).to_string(),
+            400,
+            "repetition_penalty",
         ),
         ("/v1/chat/completions", chat_body("hi", json!({"n": 0})).to_string(), 400, "`n`"),
         ("/v1/chat/completions", chat_body("hi", json!({"stop": 3})).to_string(), 400, "`stop`"),

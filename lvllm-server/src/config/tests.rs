@@ -312,9 +312,25 @@ fn layer_sets() {
 
 #[test]
 fn config_md_holds_the_generated_table() {
-    let doc = include_str!("../../CONFIG.md");
-    assert!(doc.contains(&settings_table()), "regenerate the table in lvllm-server/CONFIG.md from settings_table()");
-    for s in SETTINGS {
-        assert!(doc.contains(&format!("`--{}`", s.key)), "{}", s.key);
+    // `LVLLM_REGEN_DOCS=1 cargo test -p lvllm-server --lib config_md` rewrites the
+    // tables between the markers of CONFIG.md and the README.
+    const BEGIN: &str = "<!-- settings-table:begin -->\n";
+    const END: &str = "<!-- settings-table:end -->";
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let table = settings_table();
+    for path in [root.join("CONFIG.md"), root.join("../README.md")] {
+        let mut doc = std::fs::read_to_string(&path).expect("read doc");
+        let (Some(a), Some(b)) = (doc.find(BEGIN), doc.find(END)) else {
+            panic!("{}: no table markers", path.display())
+        };
+        if std::env::var_os("LVLLM_REGEN_DOCS").is_some() {
+            doc.replace_range(a + BEGIN.len()..b, &table);
+            std::fs::write(&path, &doc).expect("write doc");
+        }
+        let b = doc.find(END).expect("end marker");
+        assert_eq!(&doc[a + BEGIN.len()..b], table, "{}: rerun with LVLLM_REGEN_DOCS=1", path.display());
+        for s in SETTINGS {
+            assert!(doc.contains(&format!("`--{}`", s.key)), "{}: {}", path.display(), s.key);
+        }
     }
 }
