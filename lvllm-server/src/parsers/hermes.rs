@@ -14,7 +14,7 @@
 //! content, markers included. Text around the calls is content.
 
 use super::emit::Emitter;
-use super::scan::{consume, hold_len, leading_ws};
+use super::scan::{consume, text_step, Text};
 use super::{Format, Step};
 
 const OPEN: &str = "<tool_call>";
@@ -68,30 +68,16 @@ fn emit_block(json: &str, em: &mut Emitter, closed: bool) -> bool {
 impl Format for Hermes {
     fn step(&mut self, buf: &mut String, at_end: bool, em: &mut Emitter) -> Step {
         match self.state {
-            State::Text { after_call } => {
-                if after_call {
-                    consume(buf, leading_ws(buf));
-                    if buf.is_empty() {
-                        return Step::Wait;
-                    }
-                    self.state = State::Text { after_call: false };
-                    return Step::Progress;
+            State::Text { after_call } => match text_step(buf, after_call, &[OPEN], at_end, em) {
+                Text::Stay(after_call, step) => {
+                    self.state = State::Text { after_call };
+                    step
                 }
-                if let Some(i) = buf.find(OPEN) {
-                    em.content(&buf[..i]);
-                    consume(buf, i + OPEN.len());
+                Text::Opened(_) => {
                     self.state = State::Call;
-                    return Step::Progress;
+                    Step::Progress
                 }
-                let keep = if at_end { 0 } else { hold_len(buf, &[OPEN]) };
-                let n = buf.len() - keep;
-                if n == 0 {
-                    return Step::Wait;
-                }
-                em.content(&buf[..n]);
-                consume(buf, n);
-                Step::Progress
-            }
+            },
             State::Call => {
                 if let Some(i) = buf.find(CLOSE) {
                     let json = buf[..i].to_string();

@@ -11,7 +11,7 @@
 //! accepted too. Text after the section is content.
 
 use super::emit::Emitter;
-use super::scan::{consume, find_first, hold_len, lead, leading_ws, skip_stray, Lead};
+use super::scan::{consume, hold_len, lead, leading_ws, skip_stray, text_step, Lead, Text};
 use super::{Format, Step};
 
 const SECTION_OPEN: [&str; 2] = ["<|tool_calls_section_begin|>", "<|tool_call_section_begin|>"];
@@ -57,30 +57,16 @@ fn name_of(id: &str) -> &str {
 impl Format for KimiK2 {
     fn step(&mut self, buf: &mut String, at_end: bool, em: &mut Emitter) -> Step {
         match self.state {
-            State::Text { after_call } => {
-                if after_call {
-                    consume(buf, leading_ws(buf));
-                    if buf.is_empty() {
-                        return Step::Wait;
-                    }
-                    self.state = State::Text { after_call: false };
-                    return Step::Progress;
+            State::Text { after_call } => match text_step(buf, after_call, &SECTION_OPEN, at_end, em) {
+                Text::Stay(after_call, step) => {
+                    self.state = State::Text { after_call };
+                    step
                 }
-                if let Some((i, m)) = find_first(buf, &SECTION_OPEN) {
-                    em.content(&buf[..i]);
-                    consume(buf, i + SECTION_OPEN[m].len());
+                Text::Opened(_) => {
                     self.state = State::InSection;
-                    return Step::Progress;
+                    Step::Progress
                 }
-                let keep = if at_end { 0 } else { hold_len(buf, &SECTION_OPEN) };
-                let n = buf.len() - keep;
-                if n == 0 {
-                    return Step::Wait;
-                }
-                em.content(&buf[..n]);
-                consume(buf, n);
-                Step::Progress
-            }
+            },
             State::InSection => {
                 let ws = leading_ws(buf);
                 let t = &buf[ws..];

@@ -18,7 +18,7 @@
 //! (generation hit its token limit), as vLLM's non-streaming parser does.
 
 use super::emit::{Emitter, Trim, TrimRules};
-use super::scan::{consume, hold_len, lead, leading_ws, skip_stray, Lead};
+use super::scan::{consume, hold_len, lead, leading_ws, skip_stray, text_step, Lead, Text};
 use super::{Format, Step};
 
 const CALL_OPEN: &str = "<tool_call>";
@@ -65,31 +65,16 @@ fn valid_name(name: &str) -> bool {
 impl Format for Qwen3Coder {
     fn step(&mut self, buf: &mut String, at_end: bool, em: &mut Emitter) -> Step {
         match self.state {
-            State::Text { after_call } => {
-                if after_call {
-                    let ws = leading_ws(buf);
-                    consume(buf, ws);
-                    if buf.is_empty() {
-                        return Step::Wait;
-                    }
-                    self.state = State::Text { after_call: false };
-                    return Step::Progress;
+            State::Text { after_call } => match text_step(buf, after_call, &[CALL_OPEN], at_end, em) {
+                Text::Stay(after_call, step) => {
+                    self.state = State::Text { after_call };
+                    step
                 }
-                if let Some(i) = buf.find(CALL_OPEN) {
-                    em.content(&buf[..i]);
-                    consume(buf, i + CALL_OPEN.len());
+                Text::Opened(_) => {
                     self.state = State::AfterOpen;
-                    return Step::Progress;
+                    Step::Progress
                 }
-                let keep = if at_end { 0 } else { hold_len(buf, &[CALL_OPEN]) };
-                let n = buf.len() - keep;
-                if n == 0 {
-                    return Step::Wait;
-                }
-                em.content(&buf[..n]);
-                consume(buf, n);
-                Step::Progress
-            }
+            },
             State::AfterOpen => {
                 let ws = leading_ws(buf);
                 let t = &buf[ws..];

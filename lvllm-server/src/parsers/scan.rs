@@ -2,8 +2,13 @@
 //! tail must be held back because it could still become a marker, and how the
 //! start of a buffer compares with a set of expected markers.
 //!
+//! [`text_step`] is the text state of every tool-call format.
+//!
 //! Every marker used by the parsers is ASCII, so a suffix of the buffer that
 //! equals a prefix of a marker always starts on a `char` boundary.
+
+use super::emit::Emitter;
+use super::Step;
 
 /// Length in bytes of the longest suffix of `text` that is a proper prefix of
 /// `marker` (the part that must be held back until the next delta decides).
@@ -44,6 +49,38 @@ pub(crate) fn lead(text: &str, markers: &[&str]) -> Lead {
         return Lead::Partial;
     }
     Lead::None
+}
+
+/// What [`text_step`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Text {
+    /// Still in text, with the new "just after a call" flag and the step's result.
+    Stay(bool, Step),
+    /// Content up to marker `opens[.0]` was emitted and the marker consumed.
+    Opened(usize),
+}
+
+/// The text state every tool-call format shares: right after a call, drop the
+/// whitespace that separates calls; otherwise emit content up to the first of
+/// `opens`, holding back a tail that may still become one (unless `at_end`).
+pub(crate) fn text_step(buf: &mut String, after_call: bool, opens: &[&str], at_end: bool, em: &mut Emitter) -> Text {
+    if after_call {
+        consume(buf, leading_ws(buf));
+        return if buf.is_empty() { Text::Stay(true, Step::Wait) } else { Text::Stay(false, Step::Progress) };
+    }
+    if let Some((i, m)) = find_first(buf, opens) {
+        em.content(&buf[..i]);
+        consume(buf, i + opens[m].len());
+        return Text::Opened(m);
+    }
+    let keep = if at_end { 0 } else { hold_len(buf, opens) };
+    let n = buf.len() - keep;
+    if n == 0 {
+        return Text::Stay(false, Step::Wait);
+    }
+    em.content(&buf[..n]);
+    consume(buf, n);
+    Text::Stay(false, Step::Progress)
 }
 
 /// Removes the first `n` bytes of `buf`.
