@@ -16,7 +16,7 @@
 //! `<tool_call>` with no name stays content.
 
 use super::emit::{Emitter, Trim, TrimRules};
-use super::scan::{consume, hold_len, lead, leading_ws, skip_stray, text_step, Lead, Text};
+use super::scan::{consume, lead, leading_ws, skip_stray, text_step, value_step, Lead, Text, ValueEnd};
 use super::{Format, Step};
 
 const CALL_OPEN: &str = "<tool_call>";
@@ -145,26 +145,18 @@ impl Format for Glm {
                     }
                 }
             }
-            State::InValue => {
-                if let Some(i) = buf.find(VALUE_CLOSE) {
-                    em.value_text(&buf[..i]);
+            State::InValue => match value_step(buf, VALUE_CLOSE, at_end, em) {
+                ValueEnd::Closed => {
                     em.end_param();
-                    consume(buf, i + VALUE_CLOSE.len());
                     self.state = State::InCall;
-                    return Step::Progress;
+                    Step::Progress
                 }
-                let keep = if at_end { 0 } else { hold_len(buf, &[VALUE_CLOSE]) };
-                let n = buf.len() - keep;
-                if n > 0 {
-                    em.value_text(&buf[..n]);
-                    consume(buf, n);
+                ValueEnd::Ended => {
+                    self.state = State::Text { after_call: true };
+                    Step::Progress
                 }
-                if at_end {
-                    self.close(em);
-                    return Step::Progress;
-                }
-                Step::Wait
-            }
+                ValueEnd::Wait => Step::Wait,
+            },
         }
     }
 }

@@ -11,7 +11,7 @@
 //! accepted too. Text after the section is content.
 
 use super::emit::Emitter;
-use super::scan::{consume, hold_len, lead, leading_ws, skip_stray, text_step, Lead, Text};
+use super::scan::{consume, lead, leading_ws, skip_stray, text_step, value_step, Lead, Text, ValueEnd};
 use super::{Format, Step};
 
 const SECTION_OPEN: [&str; 2] = ["<|tool_calls_section_begin|>", "<|tool_call_section_begin|>"];
@@ -117,27 +117,18 @@ impl Format for KimiK2 {
                 self.state = State::Args;
                 Step::Progress
             }
-            State::Args => {
-                if let Some(i) = buf.find(CALL_CLOSE) {
-                    em.raw_args(&buf[..i]);
+            State::Args => match value_step(buf, CALL_CLOSE, at_end, em) {
+                ValueEnd::Closed => {
                     em.end_call();
-                    consume(buf, i + CALL_CLOSE.len());
                     self.state = State::InSection;
-                    return Step::Progress;
+                    Step::Progress
                 }
-                let keep = if at_end { 0 } else { hold_len(buf, &[CALL_CLOSE]) };
-                let n = buf.len() - keep;
-                if n > 0 {
-                    em.raw_args(&buf[..n]);
-                    consume(buf, n);
-                }
-                if at_end {
-                    em.end_call();
+                ValueEnd::Ended => {
                     self.state = State::Text { after_call: true };
-                    return Step::Progress;
+                    Step::Progress
                 }
-                Step::Wait
-            }
+                ValueEnd::Wait => Step::Wait,
+            },
         }
     }
 }

@@ -15,7 +15,7 @@
 //! `null` stays the string `"null"` (vLLM maps it to JSON null before typing).
 
 use super::emit::{Emitter, Trim, TrimRules};
-use super::scan::{consume, hold_len, lead, leading_ws, skip_stray, text_step, Lead, Text};
+use super::scan::{consume, lead, leading_ws, skip_stray, text_step, value_step, Lead, Text, ValueEnd};
 use super::{Format, Step};
 
 const BLOCK_OPEN: &str = "<minimax:tool_call>";
@@ -161,27 +161,18 @@ impl Format for MinimaxM2 {
                     }
                 }
             }
-            State::InValue => {
-                if let Some(i) = buf.find(PARAM_CLOSE) {
-                    em.value_text(&buf[..i]);
+            State::InValue => match value_step(buf, PARAM_CLOSE, at_end, em) {
+                ValueEnd::Closed => {
                     em.end_param();
-                    consume(buf, i + PARAM_CLOSE.len());
                     self.state = State::InInvoke;
-                    return Step::Progress;
+                    Step::Progress
                 }
-                let keep = if at_end { 0 } else { hold_len(buf, &[PARAM_CLOSE]) };
-                let n = buf.len() - keep;
-                if n > 0 {
-                    em.value_text(&buf[..n]);
-                    consume(buf, n);
-                }
-                if at_end {
-                    em.end_call();
+                ValueEnd::Ended => {
                     self.state = State::Text { after_call: true };
-                    return Step::Progress;
+                    Step::Progress
                 }
-                Step::Wait
-            }
+                ValueEnd::Wait => Step::Wait,
+            },
         }
     }
 }

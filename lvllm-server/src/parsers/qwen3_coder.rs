@@ -18,7 +18,7 @@
 //! (generation hit its token limit), as vLLM's non-streaming parser does.
 
 use super::emit::{Emitter, Trim, TrimRules};
-use super::scan::{consume, hold_len, lead, leading_ws, skip_stray, text_step, Lead, Text};
+use super::scan::{consume, lead, leading_ws, skip_stray, text_step, value_step, Lead, Text, ValueEnd};
 use super::{Format, Step};
 
 const CALL_OPEN: &str = "<tool_call>";
@@ -150,27 +150,18 @@ impl Format for Qwen3Coder {
                     }
                 }
             }
-            State::InParam => {
-                if let Some(i) = buf.find(PARAM_CLOSE) {
-                    em.value_text(&buf[..i]);
+            State::InParam => match value_step(buf, PARAM_CLOSE, at_end, em) {
+                ValueEnd::Closed => {
                     em.end_param();
-                    consume(buf, i + PARAM_CLOSE.len());
                     self.state = State::InCall;
-                    return Step::Progress;
+                    Step::Progress
                 }
-                let keep = if at_end { 0 } else { hold_len(buf, &[PARAM_CLOSE]) };
-                let n = buf.len() - keep;
-                if n > 0 {
-                    em.value_text(&buf[..n]);
-                    consume(buf, n);
-                }
-                if at_end {
-                    em.end_call();
+                ValueEnd::Ended => {
                     self.state = State::Text { after_call: true };
-                    return Step::Progress;
+                    Step::Progress
                 }
-                Step::Wait
-            }
+                ValueEnd::Wait => Step::Wait,
+            },
             State::AfterFunction => {
                 let ws = leading_ws(buf);
                 let t = &buf[ws..];

@@ -83,6 +83,39 @@ pub(crate) fn text_step(buf: &mut String, after_call: bool, opens: &[&str], at_e
     Text::Stay(false, Step::Progress)
 }
 
+/// What [`value_step`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum ValueEnd {
+    /// `close` was found and consumed: the value is complete.
+    Closed,
+    /// The output ended inside the value: the call was closed.
+    Ended,
+    /// More text is needed.
+    Wait,
+}
+
+/// The value state every tool-call format shares: stream value text up to
+/// `close` (holding back a tail that may still become it); at the end of the
+/// output an unterminated value ends its call.
+pub(crate) fn value_step(buf: &mut String, close: &str, at_end: bool, em: &mut Emitter) -> ValueEnd {
+    if let Some(i) = buf.find(close) {
+        em.value_text(&buf[..i]);
+        consume(buf, i + close.len());
+        return ValueEnd::Closed;
+    }
+    let keep = if at_end { 0 } else { hold_len(buf, &[close]) };
+    let n = buf.len() - keep;
+    if n > 0 {
+        em.value_text(&buf[..n]);
+        consume(buf, n);
+    }
+    if at_end {
+        em.end_call();
+        return ValueEnd::Ended;
+    }
+    ValueEnd::Wait
+}
+
 /// Removes the first `n` bytes of `buf`.
 pub(crate) fn consume(buf: &mut String, n: usize) {
     buf.drain(..n);
