@@ -347,17 +347,23 @@ __device__ __forceinline__ void warp_gemv_row(const float* x, long long x_stride
         if (t < T) acc[t] = warp_sum(acc[t]);
 }
 
-// y[t, n] = Σ_k x[t, k] · w[n, k] for T ≤ TM tokens.  grid: ⌈N/8⌉, block: 256 (a warp per row)
+// Row n of y = x · wᵀ for T ≤ TM rows of x, by one warp: y[t, n] for t < T (y rows N apart).
 template <int TM>
-__device__ __forceinline__ void gemv_body(const float* x, const bf16_t* w, float* y, int T, int N, int K) {
-    const int n = blockIdx.x * 8 + (threadIdx.x >> 5);
-    if (n >= N) return;
+__device__ __forceinline__ void gemv_row_store(const float* x, const bf16_t* w, float* y, int n, int T, int N, int K) {
     float acc[TM];
 #pragma unroll
     for (int t = 0; t < TM; t++) acc[t] = 0.f;
     warp_gemv_row<TM>(x, K, w + (size_t)n * K, acc, T, K);
     if ((threadIdx.x & 31) == 0)
         for (int t = 0; t < T; t++) y[(size_t)t * N + n] = acc[t];
+}
+
+// y[t, n] = Σ_k x[t, k] · w[n, k] for T ≤ TM tokens.  grid: ⌈N/8⌉, block: 256 (a warp per row)
+template <int TM>
+__device__ __forceinline__ void gemv_body(const float* x, const bf16_t* w, float* y, int T, int N, int K) {
+    const int n = blockIdx.x * 8 + (threadIdx.x >> 5);
+    if (n >= N) return;
+    gemv_row_store<TM>(x, w, y, n, T, N, K);
 }
 extern "C" __global__ void gemv_bf16(const float* x, const bf16_t* w, float* y, int T, int N, int K) {
     gemv_body<GEMV_MAX_T>(x, w, y, T, N, K);
@@ -411,12 +417,7 @@ __device__ __forceinline__ void gemv3_body(const float* x, int T, int K, const b
             if (n >= n2) return;
         }
     }
-    float acc[TM];
-#pragma unroll
-    for (int t = 0; t < TM; t++) acc[t] = 0.f;
-    warp_gemv_row<TM>(x, K, w + (size_t)n * K, acc, T, K);
-    if ((threadIdx.x & 31) == 0)
-        for (int t = 0; t < T; t++) y[(size_t)t * N + n] = acc[t];
+    gemv_row_store<TM>(x, w, y, n, T, N, K);
 }
 extern "C" __global__ void gemv3_bf16(const float* x, int T, int K, const bf16_t* w0, float* y0, int n0, const bf16_t* w1,
                                       float* y1, int n1, const bf16_t* w2, float* y2, int n2) {
@@ -567,14 +568,7 @@ __device__ __forceinline__ void gemv_add_rmsnorm_body(const float* x, const bf16
                                                       unsigned* counter) {
     __shared__ float part[32];
     const int n = blockIdx.x * 8 + (threadIdx.x >> 5);
-    if (n < N) {
-        float acc[TM];
-#pragma unroll
-        for (int t = 0; t < TM; t++) acc[t] = 0.f;
-        warp_gemv_row<TM>(x, K, wo + (size_t)n * K, acc, T, K);
-        if ((threadIdx.x & 31) == 0)
-            for (int t = 0; t < T; t++) y[(size_t)t * N + n] = acc[t];
-    }
+    if (n < N) gemv_row_store<TM>(x, wo, y, n, T, N, K);
     if (!last_block(counter)) return;
     for (int t = 0; t < T; t++)
         add_rmsnorm_row(res + (size_t)t * N, y + (size_t)t * N, 2, nw, out + (size_t)t * N, N, eps, part);
@@ -601,14 +595,7 @@ __device__ __forceinline__ void router_fused_body(const float* a, const bf16_t* 
                                                   float* dst_h, unsigned* done, unsigned* n_out, unsigned* counter,
                                                   unsigned* doorbell, unsigned tag) {
     const int n = blockIdx.x * 8 + (threadIdx.x >> 5);
-    if (n < n_experts) {
-        float acc[TM];
-#pragma unroll
-        for (int t = 0; t < TM; t++) acc[t] = 0.f;
-        warp_gemv_row<TM>(a, h, wr + (size_t)n * h, acc, n_tokens, h);
-        if ((threadIdx.x & 31) == 0)
-            for (int t = 0; t < n_tokens; t++) logits[(size_t)t * n_experts + n] = acc[t];
-    }
+    if (n < n_experts) gemv_row_store<TM>(a, wr, logits, n, n_tokens, n_experts, h);
     if (dst_h) {
         const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
         const long long stride = (long long)gridDim.x * blockDim.x;
