@@ -301,6 +301,8 @@ fn common(body: &Body, state: &AppState, max_tokens_keys: &[&str]) -> Result<Com
 /// What a generation sends to its response (`usize`: the choice).
 #[derive(Debug)]
 enum Gen {
+    /// The prompt's logprobs (asked for by `echo` with `logprobs`).
+    Prompt(usize, Vec<Option<TokenLogprobs>>),
     Delta(usize, StreamDelta),
     /// One choice ended: (choice, prompt tokens, generated tokens).
     Done(usize, usize, usize),
@@ -339,7 +341,7 @@ fn spawn_generation(
             use lvllm_engine::RequestEvent as E;
             let m = &st.metrics;
             match ev {
-                E::PromptLogprobs(_) => !tx.is_closed(),
+                E::PromptLogprobs(v) => tx.send(Gen::Prompt(i, v)).is_ok(),
                 E::Delta(d) => {
                     let now = Instant::now();
                     match last {
@@ -421,8 +423,9 @@ async fn completions_inner(state: Arc<AppState>, body: Bytes) -> Result<Response
     if let Some(k) = body.u64("logprobs")? {
         params.logprobs = Some(k as usize);
     }
-    if body.bool("echo")?.unwrap_or(false) {
-        return Err(ApiError::bad("`echo` is not supported yet", "echo"));
+    let echo = body.bool("echo")?.unwrap_or(false);
+    if echo {
+        params.prompt_logprobs = params.logprobs;
     }
     let engine = &state.engine;
     let ids = match body.get("prompt") {
@@ -442,20 +445,46 @@ async fn completions_inner(state: Arc<AppState>, body: Bytes) -> Result<Response
         None => return Err(ApiError::bad("`prompt` is required", "prompt")),
     };
     check_prompt(&state, &ids)?;
+    // `echo`: the prompt's text (and logprobs) come before the completion.
+    let prompt_text = match (echo, body.get("prompt")) {
+        (false, _) => String::new(),
+        (true, Some(Value::String(s))) => s.clone(),
+        (true, Some(Value::Array(a))) if a.len() == 1 && a[0].is_string() => a[0].as_str().unwrap_or_default().into(),
+        (true, _) => engine.tokenizer().and_then(|t| t.decode(&ids, false).ok()).unwrap_or_default(),
+    };
     let id = state.request_id("cmpl");
     let model = state.opts.served_model_name.clone();
     let created = now();
     let want_logprobs = params.logprobs;
+    let prompt_ids = ids.clone();
     let mut rx = spawn_generation(&state, ids, params, c.n)?;
     if c.stream {
         let (etx, erx) = mpsc::unbounded_channel();
         let st = state.clone();
         tokio::spawn(async move {
             let (mut prompt_tokens, mut completion_tokens) = (0usize, 0usize);
+            let mut echoed = vec![!echo; c.n];
+            let echo_chunk = |index: usize, lp: Option<Value>| {
+                json!({"id": id, "object": "text_completion", "created": created, "model": model,
+                       "choices": [{"index": index, "text": prompt_text, "logprobs": lp, "finish_reason": null}]})
+            };
             while let Some(ev) = rx.recv().await {
                 let chunk = match ev {
+                    Gen::Prompt(index, v) => {
+                        echoed[index] = true;
+                        echo_chunk(index, Some(completion_logprobs(&st.engine, &prompt_entries(&prompt_ids, &v))))
+                    }
                     Gen::Delta(index, d) => {
-                        let lp = d.logprobs.as_ref().map(|l| completion_logprobs(&st.engine, std::slice::from_ref(l)));
+                        if !echoed[index] {
+                            echoed[index] = true;
+                            if etx.send(sse_json(&echo_chunk(index, None))).is_err() {
+                                return;
+                            }
+                        }
+                        let lp = d
+                            .logprobs
+                            .as_ref()
+                            .map(|l| completion_logprobs(&st.engine, &generated_entries(std::slice::from_ref(l))));
                         json!({"id": id, "object": "text_completion", "created": created, "model": model,
                                "choices": [{"index": index, "text": d.text, "logprobs": lp,
                                             "finish_reason": d.finish_reason.map(|f| finish_str(Some(f)))}]})
@@ -486,8 +515,13 @@ async fn completions_inner(state: Arc<AppState>, body: Bytes) -> Result<Response
         .into_iter()
         .enumerate()
         .map(|(i, o)| {
-            let logprobs = want_logprobs.map(|_| completion_logprobs(&state.engine, &o.logprobs));
-            json!({"index": i, "text": o.text, "logprobs": logprobs, "finish_reason": finish_str(o.finish)})
+            let logprobs = want_logprobs.map(|_| {
+                let mut entries = if echo { prompt_entries(&prompt_ids, &o.prompt_logprobs) } else { Vec::new() };
+                entries.extend(generated_entries(&o.logprobs));
+                completion_logprobs(&state.engine, &entries)
+            });
+            let text = format!("{prompt_text}{}", o.text);
+            json!({"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish_str(o.finish)})
         })
         .collect();
     Ok(Json(json!({"id": id, "object": "text_completion", "created": created, "model": model,
@@ -495,16 +529,14 @@ async fn completions_inner(state: Arc<AppState>, body: Bytes) -> Result<Response
     .into_response())
 }
 
-/// The legacy completions `logprobs` object.
-fn completion_logprobs(engine: &Engine, lps: &[TokenLogprobs]) -> Value {
-    let tokens: Vec<String> = lps.iter().map(|l| token_text(engine, l.token_id)).collect();
-    let top: Vec<Value> = lps
+/// The legacy completions `logprobs` object over `(token, logprobs)` entries
+/// (`None`: the first prompt token, which has none; `null` in the JSON).
+fn completion_logprobs(engine: &Engine, entries: &[(u32, Option<&TokenLogprobs>)]) -> Value {
+    let tokens: Vec<String> = entries.iter().map(|(id, _)| token_text(engine, *id)).collect();
+    let logprobs: Vec<Option<f32>> = entries.iter().map(|(_, l)| l.map(|l| l.logprob)).collect();
+    let top: Vec<Option<Map<String, Value>>> = entries
         .iter()
-        .map(|l| {
-            let m: Map<String, Value> =
-                l.top.iter().map(|t| (token_text(engine, t.id), json!(t.logprob))).collect::<Map<_, _>>();
-            Value::Object(m)
-        })
+        .map(|(_, l)| l.map(|l| l.top.iter().map(|t| (token_text(engine, t.id), json!(t.logprob))).collect()))
         .collect();
     let mut offset = 0;
     let offsets: Vec<usize> = tokens
@@ -515,8 +547,17 @@ fn completion_logprobs(engine: &Engine, lps: &[TokenLogprobs]) -> Value {
             o
         })
         .collect();
-    json!({"tokens": tokens, "token_logprobs": lps.iter().map(|l| l.logprob).collect::<Vec<_>>(),
-           "top_logprobs": top, "text_offset": offsets})
+    json!({"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": top, "text_offset": offsets})
+}
+
+/// Entries of generated tokens for [`completion_logprobs`].
+fn generated_entries(lps: &[TokenLogprobs]) -> Vec<(u32, Option<&TokenLogprobs>)> {
+    lps.iter().map(|l| (l.token_id, Some(l))).collect()
+}
+
+/// Entries of the prompt for [`completion_logprobs`] (`echo` with `logprobs`).
+fn prompt_entries<'a>(ids: &[u32], lps: &'a [Option<TokenLogprobs>]) -> Vec<(u32, Option<&'a TokenLogprobs>)> {
+    ids.iter().enumerate().map(|(i, &id)| (id, lps.get(i).and_then(Option::as_ref))).collect()
 }
 
 fn check_prompt(state: &AppState, ids: &[u32]) -> Result<(), ApiError> {
@@ -647,6 +688,8 @@ async fn chat_inner(state: Arc<AppState>, body: Bytes) -> Result<Response, ApiEr
             let mut started = vec![false; c.n];
             while let Some(ev) = rx.recv().await {
                 match ev {
+                    // Chat requests never ask for prompt logprobs.
+                    Gen::Prompt(..) => {}
                     Gen::Delta(index, d) => {
                         if !started[index] {
                             started[index] = true;
@@ -731,6 +774,7 @@ async fn chat_inner(state: Arc<AppState>, body: Bytes) -> Result<Response, ApiEr
 /// One finished choice.
 #[derive(Default)]
 struct ChoiceOut {
+    prompt_logprobs: Vec<Option<TokenLogprobs>>,
     text: String,
     logprobs: Vec<TokenLogprobs>,
     finish: Option<FinishReason>,
@@ -744,6 +788,7 @@ async fn collect(rx: &mut mpsc::UnboundedReceiver<Gen>, n: usize) -> Result<Vec<
     let mut done = 0;
     while done < n {
         match rx.recv().await {
+            Some(Gen::Prompt(i, v)) => outs[i].prompt_logprobs = v,
             Some(Gen::Delta(i, d)) => {
                 let o = &mut outs[i];
                 o.text.push_str(&d.text);

@@ -469,3 +469,36 @@ fn penalties_reach_the_sampler() {
     let presence = post(a, "/v1/completions", body(json!({"presence_penalty": 2.0, "frequency_penalty": 2.0}))).json();
     assert_ne!(toks(&presence), p, "presence/frequency penalties change the greedy output");
 }
+
+/// `echo` puts the prompt (and, with `logprobs`, its logprobs; the first is
+/// null) before the completion, streamed or not.
+#[test]
+fn echo_returns_the_prompt_first() {
+    let a = default_server();
+    let prompt = "Once upon a time";
+    let plain = post(a, "/v1/completions", json!({"prompt": prompt, "max_tokens": 6, "temperature": 0})).json();
+    let generated = plain["choices"][0]["text"].as_str().unwrap().to_string();
+    let v = post(
+        a,
+        "/v1/completions",
+        json!({"prompt": prompt, "max_tokens": 6, "temperature": 0, "echo": true, "logprobs": 1}),
+    )
+    .json();
+    assert_eq!(v["choices"][0]["text"], format!("{prompt}{generated}"));
+    let lp = &v["choices"][0]["logprobs"];
+    let n_prompt = engine().tokenize(&lvllm_engine::Prompt::Text(prompt.into())).unwrap().len();
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), n_prompt + 6, "{lp}");
+    assert!(lp["token_logprobs"][0].is_null() && lp["token_logprobs"][1].is_number(), "{lp}");
+    let ev = post(
+        a,
+        "/v1/completions",
+        json!({"prompt": prompt, "max_tokens": 6, "temperature": 0, "echo": true, "stream": true}),
+    )
+    .events();
+    let text: String = ev[..ev.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter_map(|c| c["choices"][0]["text"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(text, format!("{prompt}{generated}"));
+}
