@@ -715,7 +715,12 @@ impl Drop for Engine {
     fn drop(&mut self) {
         let _ = self.commands.send(Command::Shutdown);
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            // The last `Arc<Engine>` may be dropped by a sink on the model loop
+            // itself: that thread then ends on the shutdown command, and joining
+            // it from itself would fail.
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
         }
     }
 }
@@ -878,7 +883,9 @@ impl Engine {
 
     /// Cancels a request submitted with [`submit_with`](Self::submit_with) (its
     /// blocks are freed at the model loop's next step; its sink hears nothing
-    /// more). Unknown or finished requests are ignored.
+    /// more). Unknown or finished requests are ignored. For a
+    /// [`submit`](Self::submit) handle, use [`RequestHandle::cancel`] (or drop
+    /// it): through this method its `recv` would end with `Error::Shutdown`.
     pub fn cancel(&self, id: RequestId) {
         let _ = self.commands.send(Command::Cancel(id.0));
     }

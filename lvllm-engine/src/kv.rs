@@ -161,7 +161,12 @@ impl BlockAllocator {
         for &b in blocks {
             let blk = &mut self.blocks[b as usize];
             debug_assert!(blk.refs > 0, "bad release of block {b}");
-            blk.refs = blk.refs.saturating_sub(1);
+            if blk.refs == 0 {
+                // Already free: listing it again would hand one block to two
+                // sequences. Ignore the double release (an engine bug).
+                continue;
+            }
+            blk.refs -= 1;
             if blk.refs > 0 {
                 continue;
             }

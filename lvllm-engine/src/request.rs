@@ -155,7 +155,10 @@ impl RequestHandle {
     /// Waits at most `timeout` for the next delta; `None` on timeout or once
     /// the request has ended (tell them apart with [`is_finished`](Self::is_finished)).
     pub fn recv_timeout(&mut self, timeout: Duration) -> Option<Result<StreamDelta>> {
-        let deadline = std::time::Instant::now() + timeout;
+        let Some(deadline) = std::time::Instant::now().checked_add(timeout) else {
+            // Beyond any representable instant: wait as long as it takes.
+            return self.recv();
+        };
         while !self.finished {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             let ev = match self.rx.recv_timeout(left) {

@@ -252,7 +252,10 @@ impl<'t> Loop<'t> {
         self.m.peak_running = self.m.peak_running.max(self.sched.num_running());
         let mut tokens = Vec::with_capacity(n);
         let mut positions = Vec::with_capacity(n);
-        let mut all_rows = false;
+        // Logit rows: every row of a sequence that still needs prompt logprobs,
+        // the last row of the others. `sel[k]`: (its first row in the output,
+        // whether it has all its rows).
+        let (mut rows, mut sel, mut offset) = (Vec::new(), Vec::with_capacity(step.seqs.len()), 0);
         for s in &step.seqs {
             let seq = self.sched.get(s.id).expect("scheduled sequences are known");
             tokens.extend_from_slice(&seq.tokens()[s.start..s.start + s.len]);
@@ -260,9 +263,17 @@ impl<'t> Loop<'t> {
             let a = self.active.get_mut(&s.id).expect("scheduled sequences are active");
             a.started.get_or_insert(now);
             // Rows before the prompt's last token give prompt logprobs.
-            all_rows |=
+            let wants =
                 a.prompt_logprobs.as_ref().is_some_and(|v| v.len() < a.prompt_len && s.start + 1 < a.prompt_len);
+            sel.push((rows.len(), wants));
+            if wants {
+                rows.extend(offset..offset + s.len);
+            } else {
+                rows.push(offset + s.len - 1);
+            }
+            offset += s.len;
         }
+        let all_rows = sel.iter().any(|&(_, w)| w);
         let out = {
             let spans: Vec<SeqSpan<'_>> = step
                 .seqs
@@ -273,7 +284,7 @@ impl<'t> Loop<'t> {
                     state_slot: None,
                 })
                 .collect();
-            let logits = if all_rows { LogitsSelection::All } else { LogitsSelection::LastPerSeq };
+            let logits = if all_rows { LogitsSelection::Rows(&rows) } else { LogitsSelection::LastPerSeq };
             let batch = ForwardBatch { tokens: &tokens, positions: &positions, seqs: &spans, logits };
             r.backend.forward(&batch)
         };
@@ -288,7 +299,7 @@ impl<'t> Loop<'t> {
             }
         };
         let done = self.sched.complete(&step, &mut r.blocks);
-        self.after_forward(&step, &done, &out, all_rows, r);
+        self.after_forward(&step, &done, &out, &sel, r);
     }
 
     /// Prompt logprobs, sampling, stop checks and events for one step's sequences.
@@ -297,16 +308,14 @@ impl<'t> Loop<'t> {
         step: &Step,
         done: &[bool],
         out: &lvllm_models::Logits,
-        all_rows: bool,
+        sel: &[(usize, bool)],
         r: &mut Runner,
     ) {
         let shared = self.shared;
         let eos = &shared.eos_token_ids;
-        let mut offset = 0;
         for (k, (s, &done)) in step.seqs.iter().zip(done).enumerate() {
-            let first_row = offset;
-            offset += s.len;
-            let last_row = if all_rows { first_row + s.len - 1 } else { k };
+            let (first_row, all_rows) = sel[k];
+            let last_row = if all_rows { first_row + s.len - 1 } else { first_row };
             let Some(seq) = self.sched.get(s.id) else { continue };
             let a = self.active.get_mut(&s.id).expect("scheduled sequences are active");
             self.m.prompt_tokens_computed += a.prompt_len.min(s.start + s.len).saturating_sub(s.start) as u64;

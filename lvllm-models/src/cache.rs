@@ -111,11 +111,14 @@ pub struct SeqSpan<'a> {
 
 /// Which positions to compute logits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogitsSelection {
-    /// Every token of the batch (prompt logprobs, golden tests).
+pub enum LogitsSelection<'a> {
+    /// Every token of the batch (golden tests).
     All,
     /// The last token of each sequence (sampling).
     LastPerSeq,
+    /// These token indices, ascending and distinct (a scheduler step where some
+    /// sequences need prompt logprobs and the others only their last row).
+    Rows(&'a [usize]),
 }
 
 /// A forward batch: tokens of several sequences, back to back.
@@ -128,7 +131,7 @@ pub struct ForwardBatch<'a> {
     /// The sequences, in token order.
     pub seqs: &'a [SeqSpan<'a>],
     /// Which logits to return.
-    pub logits: LogitsSelection,
+    pub logits: LogitsSelection<'a>,
 }
 
 impl ForwardBatch<'_> {
@@ -136,6 +139,7 @@ impl ForwardBatch<'_> {
     pub fn logit_rows(&self) -> Vec<usize> {
         match self.logits {
             LogitsSelection::All => (0..self.tokens.len()).collect(),
+            LogitsSelection::Rows(rows) => rows.to_vec(),
             LogitsSelection::LastPerSeq => self
                 .seqs
                 .iter()

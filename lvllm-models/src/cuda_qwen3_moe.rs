@@ -564,7 +564,9 @@ impl CudaQwen3Moe {
             return Err(Error::Input(format!("token id {bad} is outside the vocabulary of {}", cfg.vocab_size)));
         }
         let e = gpu_err;
-        if n <= lvllm_kernels_cuda::GEMV_MAX_T && batch.seqs.iter().all(|s| s.len == 1) {
+        // The decode path returns every row: take it only when every row is asked for.
+        if n <= lvllm_kernels_cuda::GEMV_MAX_T && batch.seqs.iter().all(|s| s.len == 1) && batch.logit_rows().len() == n
+        {
             return self.decode(batch);
         }
         // Per-token metadata.

@@ -157,6 +157,11 @@ fn validate_batch_shape(batch: &ForwardBatch<'_>, cfg: CacheConfig, max_position
     if total != n {
         return Err(Error::Input(format!("sequences cover {total} tokens, the batch has {n}")));
     }
+    if let LogitsSelection::Rows(rows) = batch.logits {
+        if rows.is_empty() || rows.windows(2).any(|w| w[1] <= w[0]) || rows.last().is_some_and(|&r| r >= n) {
+            return Err(Error::Input(format!("logit rows must be ascending, distinct and below {n}")));
+        }
+    }
     let mut start = 0;
     for (i, s) in batch.seqs.iter().enumerate() {
         if s.len == 0 {

@@ -246,3 +246,30 @@ fn keep_matches_to_dtype() {
     };
     assert_eq!(run(MoeWeight::Keep), run(MoeWeight::ToDtype));
 }
+
+/// `LogitsSelection::Rows` returns exactly the rows asked for, equal to those
+/// of `All`; malformed rows are an error, not a panic.
+#[test]
+fn selected_rows_equal_all_rows() {
+    let dir = fixture("qwen3_moe_sharded");
+    let model = load(&dir, MoeWeight::ToDtype);
+    let prompt = reference(&dir).prompt;
+    let t = prompt.len();
+    let positions: Vec<usize> = (0..t).collect();
+    let run = |logits: LogitsSelection<'_>| {
+        let (mut cache, table) = cache_for(&model, t);
+        let seqs = [SeqSpan { len: t, block_table: &table, state_slot: None }];
+        model.forward(&ForwardBatch { tokens: &prompt, positions: &positions, seqs: &seqs, logits }, &mut cache)
+    };
+    let all = run(LogitsSelection::All).unwrap();
+    let want = [0, 3, t - 1];
+    let some = run(LogitsSelection::Rows(&want)).unwrap();
+    assert_eq!(some.rows, want);
+    for (i, &r) in want.iter().enumerate() {
+        assert_eq!(some.row(i), all.row(r), "row {r}");
+    }
+    for bad in [&[3usize, 3][..], &[5, 2], &[t], &[]] {
+        let e = run(LogitsSelection::Rows(bad)).unwrap_err().to_string();
+        assert!(e.contains("logit rows"), "{bad:?}: {e}");
+    }
+}

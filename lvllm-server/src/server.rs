@@ -65,7 +65,8 @@ pub struct ServerOptions {
 pub struct AppState {
     engine: Arc<Engine>,
     opts: ServerOptions,
-    metrics: Metrics,
+    /// Shared with the engine's sinks (which must not hold the engine itself).
+    metrics: Arc<Metrics>,
     created: u64,
     next_id: AtomicU64,
 }
@@ -74,7 +75,7 @@ impl AppState {
     /// State serving `engine` with `opts`.
     pub fn new(engine: Arc<Engine>, opts: ServerOptions) -> Arc<Self> {
         let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        Arc::new(AppState { engine, opts, metrics: Metrics::default(), created, next_id: AtomicU64::new(1) })
+        Arc::new(AppState { engine, opts, metrics: Arc::default(), created, next_id: AtomicU64::new(1) })
     }
 
     fn request_id(&self, prefix: &str) -> String {
@@ -335,11 +336,10 @@ fn spawn_generation(
     for i in 0..n {
         let mut p = params.clone();
         p.seed = params.seed.map(|s| s.wrapping_add(i as u64));
-        let (tx, st) = (tx.clone(), state.clone());
+        let (tx, m) = (tx.clone(), state.metrics.clone());
         let mut last: Option<Instant> = None;
         let sink = move |ev: lvllm_engine::RequestEvent| -> bool {
             use lvllm_engine::RequestEvent as E;
-            let m = &st.metrics;
             match ev {
                 E::PromptLogprobs(v) => tx.send(Gen::Prompt(i, v)).is_ok(),
                 E::Delta(d) => {
