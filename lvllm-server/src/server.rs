@@ -178,34 +178,30 @@ impl Body {
         self.0.get(key).filter(|v| !v.is_null())
     }
 
+    /// `key` as a `T`, when present (and not null); otherwise an error naming the
+    /// key and the type (`what`).
+    fn typed<'a, T>(&'a self, key: &str, get: fn(&'a Value) -> Option<T>, what: &str) -> Result<Option<T>, ApiError> {
+        self.get(key).map(|v| get(v).ok_or_else(|| ApiError::bad(format!("`{key}` must be {what}"), key))).transpose()
+    }
+
     fn f64(&self, key: &str) -> Result<Option<f64>, ApiError> {
-        self.get(key)
-            .map(|v| v.as_f64().ok_or_else(|| ApiError::bad(format!("`{key}` must be a number"), key)))
-            .transpose()
+        self.typed(key, Value::as_f64, "a number")
     }
 
     fn u64(&self, key: &str) -> Result<Option<u64>, ApiError> {
-        self.get(key)
-            .map(|v| v.as_u64().ok_or_else(|| ApiError::bad(format!("`{key}` must be a non-negative integer"), key)))
-            .transpose()
+        self.typed(key, Value::as_u64, "a non-negative integer")
     }
 
     fn i64(&self, key: &str) -> Result<Option<i64>, ApiError> {
-        self.get(key)
-            .map(|v| v.as_i64().ok_or_else(|| ApiError::bad(format!("`{key}` must be an integer"), key)))
-            .transpose()
+        self.typed(key, Value::as_i64, "an integer")
     }
 
     fn bool(&self, key: &str) -> Result<Option<bool>, ApiError> {
-        self.get(key)
-            .map(|v| v.as_bool().ok_or_else(|| ApiError::bad(format!("`{key}` must be a boolean"), key)))
-            .transpose()
+        self.typed(key, Value::as_bool, "a boolean")
     }
 
     fn str(&self, key: &str) -> Result<Option<&str>, ApiError> {
-        self.get(key)
-            .map(|v| v.as_str().ok_or_else(|| ApiError::bad(format!("`{key}` must be a string"), key)))
-            .transpose()
+        self.typed(key, Value::as_str, "a string")
     }
 }
 

@@ -177,18 +177,25 @@ impl ToolParserKind {
 
     /// The kind called `name` (case-insensitive, `-` and `_` alike).
     pub fn from_name(name: &str) -> Result<Self, ParserError> {
-        let norm = name.trim().to_ascii_lowercase().replace('-', "_");
-        Self::ALL
-            .iter()
-            .find(|(n, _)| *n == norm)
-            .map(|(_, k)| *k)
-            .ok_or_else(|| ParserError::UnknownToolParser { name: name.to_string() })
+        kind_by_name(&Self::ALL, name).ok_or_else(|| ParserError::UnknownToolParser { name: name.to_string() })
     }
 
     /// The setting's name of this kind.
     pub fn name(self) -> &'static str {
-        Self::ALL.iter().find(|(_, k)| *k == self).map_or("", |(n, _)| n)
+        name_of_kind(&Self::ALL, self)
     }
+}
+
+/// The kind called `name` in a `(name, kind)` table (case-insensitive, `-` and
+/// `_` alike).
+pub(crate) fn kind_by_name<K: Copy>(all: &[(&'static str, K)], name: &str) -> Option<K> {
+    let norm = name.trim().to_ascii_lowercase().replace('-', "_");
+    all.iter().find(|(n, _)| *n == norm).map(|(_, k)| *k)
+}
+
+/// The name of `kind` in a `(name, kind)` table.
+pub(crate) fn name_of_kind<K: PartialEq>(all: &[(&'static str, K)], kind: K) -> &'static str {
+    all.iter().find(|(_, k)| *k == kind).map_or("", |(n, _)| n)
 }
 
 /// Whether a state machine step consumed something or needs more text.

@@ -65,17 +65,13 @@ impl ReasoningParserKind {
 
     /// The kind called `name` (case-insensitive, `-` and `_` alike).
     pub fn from_name(name: &str) -> Result<Self, ParserError> {
-        let norm = name.trim().to_ascii_lowercase().replace('-', "_");
-        Self::ALL
-            .iter()
-            .find(|(n, _)| *n == norm)
-            .map(|(_, k)| *k)
+        super::kind_by_name(&Self::ALL, name)
             .ok_or_else(|| ParserError::UnknownReasoningParser { name: name.to_string() })
     }
 
     /// The setting's name of this kind.
     pub fn name(self) -> &'static str {
-        Self::ALL.iter().find(|(_, k)| *k == self).map_or("", |(n, _)| n)
+        super::name_of_kind(&Self::ALL, self)
     }
 }
 
