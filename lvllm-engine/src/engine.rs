@@ -117,6 +117,7 @@ pub struct EngineBuilder {
     max_num_batched_tokens: Option<usize>,
     enable_prefix_caching: Option<bool>,
     load_progress: Option<ProgressHook>,
+    chat_template: Option<String>,
 }
 
 /// A load-progress callback (Debug-printable for the builder).
@@ -130,6 +131,13 @@ impl std::fmt::Debug for ProgressHook {
 }
 
 impl EngineBuilder {
+    /// Uses `source` (Jinja) as the chat template instead of the model's (the
+    /// server's `chat-template` setting). A model without a tokenizer cannot take one.
+    pub fn chat_template(mut self, source: impl Into<String>) -> Self {
+        self.chat_template = Some(source.into());
+        self
+    }
+
     /// Calls `f` while the model loads, each time a tensor of the checkpoint is
     /// taken (from the loading thread), with the tensors and bytes so far and
     /// the totals; for progress bars and log lines.
@@ -282,6 +290,13 @@ impl EngineBuilder {
                     None => None,
                 };
                 (config, self.with_progress(WeightSource::from_files(vec![file])), tokenizer, m.name.to_string())
+            }
+        };
+        let tokenizer = match (tokenizer, self.chat_template.as_deref()) {
+            (t, None) => t,
+            (Some(t), Some(source)) => Some(t.with_chat_template(source)?),
+            (None, Some(_)) => {
+                return Err(Error::Config(format!("a chat template was given but model {name} has no tokenizer.json")))
             }
         };
         let block_size = self.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);

@@ -104,6 +104,8 @@ pub struct Tokenizer {
     eos_token_ids: Vec<u32>,
     chat_template: Option<ChatTemplate>,
     clean_up_tokenization_spaces: bool,
+    /// The special tokens a chat template sees as `bos_token` / `eos_token`.
+    template_tokens: (Option<String>, Option<String>),
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -261,15 +263,16 @@ impl Tokenizer {
         }
 
         let template_source = chat_template_jinja.map(str::to_owned).or(config.chat_template);
+        let template_tokens = (config.bos_token.clone(), config.eos_token.clone());
         let chat_template = template_source
-            .map(|source| ChatTemplate::new(&source, config.bos_token.clone(), config.eos_token.clone()))
+            .map(|source| ChatTemplate::new(&source, template_tokens.0.clone(), template_tokens.1.clone()))
             .transpose()?;
 
         // Measured once: the crate rebuilds the whole vocabulary map to count it.
         let vocab_size = inner.get_vocab_size(true);
         let clean_up_tokenization_spaces =
             config.clean_up_tokenization_spaces && !matches!(inner.get_model(), tokenizers::ModelWrapper::BPE(_));
-        Ok(Self { inner, vocab_size, eos_token_ids, chat_template, clean_up_tokenization_spaces })
+        Ok(Self { inner, vocab_size, eos_token_ids, chat_template, clean_up_tokenization_spaces, template_tokens })
     }
 
     /// Reads `tokenizer.json`, `tokenizer_config.json`,
@@ -340,9 +343,17 @@ impl Tokenizer {
         &self.eos_token_ids
     }
 
-    /// The chat template, if the model ships one.
+    /// The chat template, if the model ships one (or one was set).
     pub fn chat_template(&self) -> Option<&ChatTemplate> {
         self.chat_template.as_ref()
+    }
+
+    /// Replaces the model's chat template with `source` (Jinja, compiled with
+    /// HF's settings and this tokenizer's `bos_token` / `eos_token`).
+    pub fn with_chat_template(mut self, source: &str) -> Result<Self, TokenizerError> {
+        let (bos, eos) = self.template_tokens.clone();
+        self.chat_template = Some(ChatTemplate::new(source, bos, eos)?);
+        Ok(self)
     }
 
     /// A streaming decoder for a fresh sequence of generated ids.

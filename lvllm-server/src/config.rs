@@ -1080,6 +1080,7 @@ pub fn builder_method(key: &str) -> Option<&'static str> {
         "threads" => ".threads(ThreadOptions { count, .. })",
         "thread-binding" => ".threads(ThreadOptions { binding, .. })",
         "power-saving" => ".threads(ThreadOptions { power_saving, .. })",
+        "chat-template" => ".chat_template(file contents)",
         _ => return None,
     })
 }

@@ -264,9 +264,6 @@ fn serve(args: &[String]) -> anyhow::Result<()> {
     for w in &cfg.warnings {
         eprintln!("warning: {w}");
     }
-    if let Some(t) = &cfg.chat_template {
-        bail!("chat-template {t}: overriding the model's chat template is not supported yet");
-    }
     let mut builder = Engine::builder()
         .device(if lvllm_engine::cuda_available() { Device::Cuda(0) } else { Device::Cpu })
         .threads(ThreadOptions { count: cfg.threads, binding: cfg.thread_binding, power_saving: cfg.power_saving })
@@ -291,6 +288,10 @@ fn serve(args: &[String]) -> anyhow::Result<()> {
         builder = builder.max_num_batched_tokens(n);
     }
     builder = builder.enable_prefix_caching(cfg.enable_prefix_caching);
+    if let Some(path) = &cfg.chat_template {
+        let source = std::fs::read_to_string(path).with_context(|| format!("reading the chat template {path}"))?;
+        builder = builder.chat_template(source);
+    }
     if let Some(dir) = kernel_cache_dir() {
         builder = builder.kernel_cache_dir(dir);
     }

@@ -151,3 +151,17 @@ fn gpu_and_cpu_generate_the_same_chat() {
         assert_eq!(g.token_ids, ids(&case["greedy_ids"]), "{name}: HF greedy");
     }
 }
+
+/// `chat_template` replaces the model's template; a broken one fails the build
+/// with the template's error.
+#[test]
+fn chat_template_override() {
+    let src = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:";
+    let e = Engine::builder().embedded(lvllm_server::bundled::tiny_model()).chat_template(src).build().unwrap();
+    let msgs = serde_json::json!([{"role": "user", "content": "Hi there"}]);
+    let ids = e.tokenize(&Prompt::chat(msgs)).unwrap();
+    let want = e.tokenizer().unwrap().encode("user: Hi there\nassistant:", false).unwrap();
+    assert_eq!(ids, want);
+    let err = Engine::builder().embedded(lvllm_server::bundled::tiny_model()).chat_template("{% for %}").build();
+    assert!(err.is_err());
+}

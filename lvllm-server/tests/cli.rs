@@ -103,6 +103,7 @@ fn bad_input_is_a_clear_error() {
         (&["serve", "--no-such-key", "1"], "no-such-key"),
         (&["serve", "--tensor-parallel-size", "2"], "tensor-parallel-size"),
         (&["serve", "--port", "http"], "port"),
+        (&["serve", "--chat-template", "/nonexistent/t.jinja"], "/nonexistent/t.jinja"),
         (&["nonsense"], "unrecognized subcommand"),
         (&["generate", "--prompt", "a", "--moe-placement", "cpu"], "auto, hybrid or gpu"),
         (&["generate", "--prompt", "a", "--moe-placement", "hybrid", "--device", "cpu"], "needs a CUDA device"),
