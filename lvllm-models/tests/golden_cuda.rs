@@ -38,34 +38,54 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
     dot / (na * nb)
 }
 
+/// One golden fixture: its config, weights and HF f32 reference.
+struct Fixture {
+    cfg: lvllm_models::config::Qwen3MoeConfig,
+    src: WeightSource,
+    prompt: Vec<u32>,
+    /// `[prompt.len(), vocab]` logits.
+    want: Vec<f32>,
+    greedy: Vec<u32>,
+}
+
+const FIXTURES: [&str; 3] = ["qwen3_moe_sharded", "qwen3_moe_dense_tied", "qwen3_moe_yarn_step2"];
+
+fn fixture(name: &str) -> Fixture {
+    // LVLLM_FIXTURES lets the device script run this binary away from the build tree.
+    let root = std::env::var_os("LVLLM_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures"));
+    let dir = root.join(name);
+    let ModelConfig::Qwen3Moe(cfg) =
+        ModelConfig::from_json(&std::fs::read(dir.join("config.json")).unwrap(), name).unwrap()
+    else {
+        unreachable!()
+    };
+    let src = WeightSource::from_dir(&dir).unwrap();
+    let r = WeightSource::from_files(vec![SafetensorsFile::open(&dir.join("reference.safetensors")).unwrap()]);
+    let ids =
+        |key: &str| -> Vec<u32> { r.get(key).unwrap().to_i64_vec().unwrap().into_iter().map(|v| v as u32).collect() };
+    Fixture {
+        prompt: ids("prompt_ids"),
+        greedy: ids("greedy_ids"),
+        want: r.get("logits").unwrap().to_f32_vec().unwrap(),
+        cfg,
+        src,
+    }
+}
+
 #[test]
 fn gpu_logits_track_hf_f32() {
     let _turn = DEVICE.lock().unwrap_or_else(|e| e.into_inner());
     let Some(g) = gpu() else { return };
-    for name in ["qwen3_moe_sharded", "qwen3_moe_dense_tied", "qwen3_moe_yarn_step2"] {
-        // LVLLM_FIXTURES lets the device script run this binary away from the build tree.
-        let root = std::env::var_os("LVLLM_FIXTURES")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures"));
-        let dir = root.join(name);
-        let ModelConfig::Qwen3Moe(cfg) =
-            ModelConfig::from_json(&std::fs::read(dir.join("config.json")).unwrap(), name).unwrap()
-        else {
-            unreachable!()
-        };
-        let src = WeightSource::from_dir(&dir).unwrap();
+    for name in FIXTURES {
+        let Fixture { cfg, src, prompt, want, greedy } = fixture(name);
         let model =
             CudaQwen3Moe::load(g.clone(), &cfg, GpuWeights::Checkpoint(&src), 16, KvSizing::Blocks(8), true, None)
                 .unwrap();
         let eager =
             CudaQwen3Moe::load(g.clone(), &cfg, GpuWeights::Checkpoint(&src), 16, KvSizing::Blocks(8), false, None)
                 .unwrap();
-        let r = WeightSource::from_files(vec![SafetensorsFile::open(&dir.join("reference.safetensors")).unwrap()]);
-        let prompt: Vec<u32> =
-            r.get("prompt_ids").unwrap().to_i64_vec().unwrap().into_iter().map(|v| v as u32).collect();
-        let want = r.get("logits").unwrap().to_f32_vec().unwrap();
-        let greedy: Vec<u32> =
-            r.get("greedy_ids").unwrap().to_i64_vec().unwrap().into_iter().map(|v| v as u32).collect();
         let t = prompt.len();
         let table: Vec<u32> = (0..8).rev().collect();
         let positions: Vec<usize> = (0..t).collect();
@@ -122,17 +142,8 @@ fn hybrid_logits_track_hf_and_all_gpu() {
         )
         .unwrap(),
     );
-    let root = std::env::var_os("LVLLM_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures"));
-    for name in ["qwen3_moe_sharded", "qwen3_moe_dense_tied", "qwen3_moe_yarn_step2"] {
-        let dir = root.join(name);
-        let ModelConfig::Qwen3Moe(cfg) =
-            ModelConfig::from_json(&std::fs::read(dir.join("config.json")).unwrap(), name).unwrap()
-        else {
-            unreachable!()
-        };
-        let src = WeightSource::from_dir(&dir).unwrap();
+    for name in FIXTURES {
+        let Fixture { cfg, src, prompt, want, greedy } = fixture(name);
         let moe_layers: Vec<usize> = (0..cfg.num_hidden_layers).filter(|&l| cfg.is_moe_layer(l)).collect();
         let hy = |resident: Vec<usize>| HybridOptions {
             pool: pool.clone(),
@@ -153,12 +164,6 @@ fn hybrid_logits_track_hf_and_all_gpu() {
         let mode = hybrid.handoff_mode().unwrap();
         assert!(mode.starts_with("mapped") && hybrid.uses_graphs(), "{name}: handoff {mode}");
 
-        let r = WeightSource::from_files(vec![SafetensorsFile::open(&dir.join("reference.safetensors")).unwrap()]);
-        let prompt: Vec<u32> =
-            r.get("prompt_ids").unwrap().to_i64_vec().unwrap().into_iter().map(|v| v as u32).collect();
-        let want = r.get("logits").unwrap().to_f32_vec().unwrap();
-        let greedy: Vec<u32> =
-            r.get("greedy_ids").unwrap().to_i64_vec().unwrap().into_iter().map(|v| v as u32).collect();
         let t = prompt.len();
         let table: Vec<u32> = (0..8).rev().collect();
         let positions: Vec<usize> = (0..t).collect();
