@@ -374,6 +374,7 @@ pub struct CpuExperts {
     int8_group: Option<usize>,
     /// Tasks per thread the block grouping aims for.
     tasks_per_thread: usize,
+    max_blocks_per_task: usize,
     scratch: Mutex<Scratch>,
 }
 
@@ -513,6 +514,7 @@ impl CpuExperts {
                 _ => None,
             },
             tasks_per_thread: TASKS_PER_THREAD,
+            max_blocks_per_task: MAX_BLOCKS_PER_TASK,
             scratch: Mutex::new(Scratch::default()),
         })
     }
@@ -571,6 +573,7 @@ impl CpuExperts {
                 _ => None,
             },
             tasks_per_thread: TASKS_PER_THREAD,
+            max_blocks_per_task: MAX_BLOCKS_PER_TASK,
             scratch: Mutex::new(Scratch::default()),
         })
     }
@@ -595,6 +598,13 @@ impl CpuExperts {
     /// start; more, shorter ones balance better. A tuning knob for benchmarks.
     pub fn with_tasks_per_thread(mut self, n: usize) -> Self {
         self.tasks_per_thread = n.max(1);
+        self
+    }
+
+    /// Caps the blocks one task handles (default 8, at least 1). A tuning knob
+    /// for benchmarks, like [`CpuExperts::with_tasks_per_thread`].
+    pub fn with_max_blocks_per_task(mut self, n: usize) -> Self {
+        self.max_blocks_per_task = n.max(1);
         self
     }
 
@@ -811,7 +821,7 @@ impl CpuExperts {
                 let nb = node_blocks(shard);
                 let threads = self.pool.threads_on_node(n).max(1);
                 let want = (threads * self.tasks_per_thread).div_ceil(n_active.max(1));
-                let per = nb.div_ceil(want.max(1)).clamp(1, MAX_BLOCKS_PER_TASK);
+                let per = nb.div_ceil(want.max(1)).clamp(1, self.max_blocks_per_task);
                 (per, nb.div_ceil(per))
             })
             .collect()

@@ -5,7 +5,11 @@
 //!
 //! ```text
 //! cargo run --release -p lvllm-server --example load_test -- [--requests 64] [--max-tokens 32] [--addr 127.0.0.1:8000]
+//!     [--device cpu|cuda] [--moe-placement auto|hybrid|gpu]
 //! ```
+//! `--device cuda` (a build with `--features cuda`) serves the bundled model on
+//! GPU 0, so decode batches of every size run as captured CUDA graphs;
+//! `--moe-placement hybrid` puts its routed experts on the CPU pool.
 //! Without `--addr` it starts its own server with the bundled tiny model on a
 //! free loopback port. It only ever connects to the loopback address it serves
 //! or is given, and stops after the requests it sends.
@@ -15,7 +19,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lvllm_engine::{Binding, Device, Engine, ThreadOptions};
+use lvllm_engine::{Binding, Device, Engine, MoePlacement, ThreadOptions};
 use lvllm_server::server::{self, AppState, ServerOptions};
 use serde_json::{json, Value};
 
@@ -69,7 +73,8 @@ fn stream_chat(addr: SocketAddr, question: &str, max_tokens: usize) -> anyhow::R
 }
 
 fn main() -> anyhow::Result<()> {
-    let (mut requests, mut max_tokens, mut addr) = (64usize, 32usize, None::<SocketAddr>);
+    let (mut requests, mut max_tokens, mut addr, mut device) = (64usize, 32usize, None::<SocketAddr>, Device::Cpu);
+    let mut placement = MoePlacement::Auto;
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut val = || it.next().ok_or_else(|| anyhow::anyhow!("{flag} needs a value"));
@@ -77,6 +82,14 @@ fn main() -> anyhow::Result<()> {
             "--requests" => requests = val()?.parse()?,
             "--max-tokens" => max_tokens = val()?.parse()?,
             "--addr" => addr = Some(val()?.parse()?),
+            "--moe-placement" => placement = val()?.parse().map_err(anyhow::Error::msg)?,
+            "--device" => {
+                device = match val()?.as_str() {
+                    "cpu" => Device::Cpu,
+                    "cuda" => Device::Cuda(0),
+                    other => anyhow::bail!("unknown device {other} (cpu or cuda)"),
+                }
+            }
             other => anyhow::bail!("unknown flag {other}"),
         }
     }
@@ -88,8 +101,13 @@ fn main() -> anyhow::Result<()> {
         None => {
             let engine = Engine::builder()
                 .embedded(lvllm_server::bundled::tiny_model())
-                .device(Device::Cpu)
-                .threads(ThreadOptions { count: Some(1), binding: Binding::CpuCore, power_saving: true })
+                .device(device)
+                .moe_placement(placement)
+                .threads(ThreadOptions {
+                    count: Some(if device == Device::Cpu { 1 } else { 4 }),
+                    binding: Binding::CpuCore,
+                    power_saving: true,
+                })
                 .build()?;
             let state = AppState::new(
                 Arc::new(engine),
@@ -143,7 +161,7 @@ fn main() -> anyhow::Result<()> {
     ttfts.sort_by(f64::total_cmp);
     let pct = |p: f64| ttfts.get(((ttfts.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(f64::NAN);
     println!(
-        "{requests} concurrent streaming requests ({max_tokens} tokens max): {ok} complete and equal to alone, {mismatched} different, {failed} failed; {:.2} requests/s; time to first token p50 {:.3} s, p99 {:.3} s",
+        "{device:?} {placement:?}: {requests} concurrent streaming requests ({max_tokens} tokens max): {ok} complete and equal to alone, {mismatched} different, {failed} failed; {:.2} requests/s; time to first token p50 {:.3} s, p99 {:.3} s",
         requests as f64 / secs,
         pct(0.5),
         pct(0.99)
