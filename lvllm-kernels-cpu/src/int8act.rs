@@ -217,10 +217,18 @@ mod vnni {
             let quads = k.div_ceil(4);
             let qpg = group / 4;
             let mut acc = [[_mm512_setzero_ps(); 2]; T];
+            let pf = crate::packed::prefetch();
             for g in 0..k.div_ceil(group) {
                 let mut ai = [[_mm512_setzero_si512(); 2]; T];
                 for quad in g * qpg..((g + 1) * qpg).min(quads) {
-                    _mm_prefetch::<_MM_HINT_T0>(block.wrapping_add(quad * 64 + crate::packed::PREFETCH_BYTES).cast());
+                    if pf.distance > 0 {
+                        let p = block.wrapping_add(quad * 64 + pf.distance).cast();
+                        if pf.l2 {
+                            _mm_prefetch::<_MM_HINT_T1>(p)
+                        } else {
+                            _mm_prefetch::<_MM_HINT_T0>(p)
+                        }
+                    }
                     let v = _mm512_loadu_si512(block.add(quad * 64).cast());
                     let lo = _mm512_and_si512(v, nib);
                     let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), nib);

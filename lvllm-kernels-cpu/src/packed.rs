@@ -29,10 +29,42 @@ use crate::simd::{F32x16, Isa, Scalar};
 /// Output rows per packed block.
 pub const BLOCK_ROWS: usize = 32;
 
-/// How far ahead of the current column the kernels prefetch weights. Each
-/// thread streams its blocks; the hardware prefetcher stops at 4 KiB page
-/// edges, so software prefetch keeps the loads in flight across them.
+/// How far ahead of the current column the kernels prefetch weights by
+/// default. Each thread streams its blocks; the hardware prefetcher stops at
+/// 4 KiB page edges, so software prefetch keeps the loads in flight across them.
 pub const PREFETCH_BYTES: usize = 2048;
+
+/// Software prefetch of the block kernels ([`gemm_block`] and
+/// [`crate::int8act::gemm_block_i8`]): how many bytes ahead of the column being
+/// read, and into which cache. A process-wide tuning knob ([`set_prefetch`]);
+/// it changes timing only, never results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Prefetch {
+    /// Bytes ahead of the current column; 0 turns software prefetch off.
+    pub distance: usize,
+    /// Prefetch into L2 only (`prefetcht1`) instead of L1 (`prefetcht0`).
+    pub l2: bool,
+}
+
+impl Default for Prefetch {
+    fn default() -> Self {
+        Prefetch { distance: PREFETCH_BYTES, l2: false }
+    }
+}
+
+/// `distance << 1 | l2`.
+static PREFETCH: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(PREFETCH_BYTES << 1);
+
+/// Sets the block kernels' software prefetch for the whole process.
+pub fn set_prefetch(p: Prefetch) {
+    PREFETCH.store(p.distance << 1 | p.l2 as usize, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The block kernels' current software prefetch.
+pub fn prefetch() -> Prefetch {
+    let v = PREFETCH.load(std::sync::atomic::Ordering::Relaxed);
+    Prefetch { distance: v >> 1, l2: v & 1 == 1 }
+}
 
 /// Group size of FP8 scales along `k` (the 128×128 block scales of
 /// `weight_scale_inv` checkpoints are expanded to one scale per row per group).
@@ -529,9 +561,15 @@ unsafe fn tile<V: F32x16, L: Layout, const T: usize>(format: WeightFormat, a: &A
         let mut acc = [[V::zero(); 2]; T];
         // Prefetch one line per 64 bytes consumed.
         let pf_every = 256 / L::COL_BYTES_X4;
+        let pf = prefetch();
         let prefetch = |kk: usize| {
-            if kk.is_multiple_of(pf_every) {
-                V::prefetch(data.wrapping_add(kk * L::COL_BYTES_X4 / 4 + PREFETCH_BYTES));
+            if pf.distance > 0 && kk.is_multiple_of(pf_every) {
+                let p = data.wrapping_add(kk * L::COL_BYTES_X4 / 4 + pf.distance);
+                if pf.l2 {
+                    V::prefetch_l2(p)
+                } else {
+                    V::prefetch(p)
+                }
             }
         };
         if L::GROUP == 0 {

@@ -86,6 +86,8 @@ pub(crate) trait F32x16: Copy {
     unsafe fn load_fp8_div256(p: *const u8) -> Self;
     /// Hints the cache to fetch the line at `p` (any address; never faults).
     unsafe fn prefetch(p: *const u8);
+    /// Hints L2 to fetch the line at `p` (any address; never faults).
+    unsafe fn prefetch_l2(p: *const u8);
     /// 64 bytes viewed as 16 u32 lanes; byte `c` (0..4) of each lane, split into
     /// its (low nibble, high nibble) as f32 in 0..=15.
     unsafe fn load_u4_lane(p: *const u8, c: usize) -> (Self, Self);
@@ -105,6 +107,7 @@ fn fp8_to_f16_bits(b: u8) -> u16 {
 
 impl F32x16 for Scalar {
     unsafe fn prefetch(_: *const u8) {}
+    unsafe fn prefetch_l2(_: *const u8) {}
     unsafe fn zero() -> Self {
         Scalar([0.0; 16])
     }
@@ -166,6 +169,11 @@ mod x86 {
         unsafe fn prefetch(p: *const u8) {
             // SAFETY: prefetch is a hint that never faults, whatever the address.
             unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
+        }
+        #[inline(always)]
+        unsafe fn prefetch_l2(p: *const u8) {
+            // SAFETY: prefetch is a hint that never faults, whatever the address.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(p.cast()) }
         }
         #[inline(always)]
         unsafe fn zero() -> Self {
@@ -242,6 +250,11 @@ mod x86 {
         unsafe fn prefetch(p: *const u8) {
             // SAFETY: prefetch is a hint that never faults, whatever the address.
             unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
+        }
+        #[inline(always)]
+        unsafe fn prefetch_l2(p: *const u8) {
+            // SAFETY: prefetch is a hint that never faults, whatever the address.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(p.cast()) }
         }
         #[inline(always)]
         unsafe fn zero() -> Self {

@@ -8,7 +8,7 @@
 //! ```text
 //! cargo run --release -p lvllm-moe --example moe_pipeline_bench -- \
 //!     [--threads N] [--format bf16|int4] [--layers 48] [--gap-us 0] [--steps 8] [--m 1]
-//!     [--tasks-per-thread 16,8,4] [--max-blocks 8,32] [--probe-mib 8192]
+//!     [--tasks-per-thread 16,8,4] [--max-blocks 8,32] [--prefetch 2048,0,8192l2] [--topk 8] [--probe-mib 8192]
 //! ```
 //! Weights are `CpuExperts::dummy` (Qwen3-30B-A3B layer shape); routing is
 //! uniform random.
@@ -25,6 +25,8 @@ fn main() -> anyhow::Result<()> {
         (None, "bf16".to_string(), 48, 0u64, 8, 1);
     let mut tpts: Vec<usize> = vec![16];
     let mut max_blocks: Vec<usize> = vec![8];
+    let mut prefetches = vec![lvllm_kernels_cpu::packed::Prefetch::default()];
+    let mut topk = 8;
     let mut probe_mib = 8192usize;
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -37,12 +39,22 @@ fn main() -> anyhow::Result<()> {
             "--steps" => steps = val()?.parse()?,
             "--m" => m = val()?.parse()?,
             "--probe-mib" => probe_mib = val()?.parse()?,
+            "--topk" => topk = val()?.parse()?,
+            "--prefetch" => {
+                prefetches = val()?
+                    .split(',')
+                    .map(|s| -> anyhow::Result<_> {
+                        let (d, l2) = s.strip_suffix("l2").map_or((s, false), |d| (d, true));
+                        Ok(lvllm_kernels_cpu::packed::Prefetch { distance: d.parse()?, l2 })
+                    })
+                    .collect::<anyhow::Result<_>>()?
+            }
             "--max-blocks" => max_blocks = val()?.split(',').map(|v| v.parse()).collect::<Result<_, _>>()?,
             "--tasks-per-thread" => tpts = val()?.split(',').map(|v| v.parse()).collect::<Result<_, _>>()?,
             other => anyhow::bail!("unknown flag {other}"),
         }
     }
-    let (hidden, inter, n_experts, topk) = (2048, 768, 128, 8);
+    let (hidden, inter, n_experts) = (2048, 768, 128);
     let (wf, int8) = match format.as_str() {
         "bf16" => (WeightFormat::Bf16, false),
         "int4" => (WeightFormat::Int4 { group: 32 }, true),
@@ -77,8 +89,16 @@ fn main() -> anyhow::Result<()> {
     };
     let x: Vec<f32> = (0..m * hidden).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
     let mut out = vec![0f32; m * hidden];
-    let configs: Vec<(usize, usize)> = tpts.iter().flat_map(|&t| max_blocks.iter().map(move |&b| (t, b))).collect();
-    for &(tpt, mb) in &configs {
+    let mut configs = Vec::new();
+    for &pf in &prefetches {
+        for &t in &tpts {
+            for &b in &max_blocks {
+                configs.push((pf, t, b));
+            }
+        }
+    }
+    for &(pf, tpt, mb) in &configs {
+        lvllm_kernels_cpu::packed::set_prefetch(pf);
         experts = experts.into_iter().map(|e| e.with_tasks_per_thread(tpt).with_max_blocks_per_task(mb)).collect();
         let (mut busy, mut n, mut bytes) = (Duration::ZERO, 0usize, 0usize);
         let start = Instant::now();
@@ -115,8 +135,10 @@ fn main() -> anyhow::Result<()> {
         let per_layer = busy.as_secs_f64() / n as f64;
         let gbs = bytes as f64 / busy.as_secs_f64() / 1e9;
         println!(
-        "{format} m={m} layers={layers} gap={gap_us}µs threads={} tasks/thread={tpt} max-blocks={mb}: {:.1} µs/layer, {:.1} MB/layer, {:.1} GB/s = {:.0}% of the probe's {:.1} GB/s (filled in {:.1} s, wall {:.1} s)",
+        "{format} m={m} layers={layers} gap={gap_us}µs threads={} topk={topk} tasks/thread={tpt} max-blocks={mb} prefetch={}{}: {:.1} µs/layer, {:.1} MB/layer, {:.1} GB/s = {:.0}% of the probe's {:.1} GB/s (filled in {:.1} s, wall {:.1} s)",
         pool.num_threads(),
+        pf.distance,
+        if pf.l2 { "l2" } else { "" },
         per_layer * 1e6,
         bytes as f64 / n as f64 / 1e6,
         gbs,

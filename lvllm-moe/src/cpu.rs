@@ -811,50 +811,51 @@ impl CpuExperts {
         Ok(())
     }
 
-    /// Per node: (blocks per task, task groups per expert) for a phase whose node
-    /// shards hold `node_blocks` blocks, with `n_active` experts active.
-    fn groups(&self, n_active: usize, node_blocks: impl Fn(&NodeShard) -> usize) -> Vec<(usize, usize)> {
+    /// Per node, how a phase's blocks are cut into tasks: the active experts'
+    /// node blocks laid end to end (expert order) and cut into equal contiguous
+    /// chunks, `threads × tasks_per_thread` of them or more so that none exceeds
+    /// `max_blocks_per_task`. A chunk may span two or more experts, so a
+    /// thread streams long runs of consecutive memory even at batch 1.
+    fn chunking(&self, n_active: usize, node_blocks: impl Fn(&NodeShard) -> usize) -> Vec<Chunks> {
         self.shards
             .iter()
             .enumerate()
             .map(|(n, shard)| {
-                let nb = node_blocks(shard);
+                let per_expert = node_blocks(shard);
+                let total = per_expert * n_active;
                 let threads = self.pool.threads_on_node(n).max(1);
-                let want = (threads * self.tasks_per_thread).div_ceil(n_active.max(1));
-                let per = nb.div_ceil(want.max(1)).clamp(1, self.max_blocks_per_task);
-                (per, nb.div_ceil(per))
+                let tasks = (threads * self.tasks_per_thread).max(total.div_ceil(self.max_blocks_per_task)).min(total);
+                Chunks { per_expert, total, tasks }
             })
             .collect()
     }
 
-    /// Runs one phase: for every node, tasks = active experts × groups of the
-    /// node's blocks; `f(shard, expert, block range)` runs on that node's threads.
+    /// Runs one phase: for every node, its chunks of the active experts' blocks
+    /// ([`CpuExperts::chunking`]); `f(shard, expert, block range)` runs on that
+    /// node's threads for every piece of a chunk.
     fn run_phase(
         &self,
         active: &[(usize, usize, usize)],
         node_blocks: impl Fn(&NodeShard) -> usize + Sync,
         f: impl Fn(&NodeShard, (usize, usize, usize), std::ops::Range<usize>) + Sync,
     ) {
-        let groups = self.groups(active.len(), &node_blocks);
-        let tasks: Vec<usize> = groups.iter().map(|&(_, g)| g * active.len()).collect();
+        let chunks = self.chunking(active.len(), &node_blocks);
+        let tasks: Vec<usize> = chunks.iter().map(|c| c.tasks).collect();
         self.pool.parallel_for_nodes(&tasks, |ctx, task| {
             let shard = &self.shards[ctx.node];
-            let (per, ngroups) = groups[ctx.node];
-            let (a, g) = (task / ngroups, task % ngroups);
-            let nb = node_blocks(shard);
-            f(shard, active[a], g * per..((g + 1) * per).min(nb));
+            chunks[ctx.node].pieces(task, |a, blocks| f(shard, active[a], blocks));
         });
     }
 
-    /// Both phases in one dispatch: every node's tasks are its gate_up tasks
-    /// (expert-major) followed by its down tasks. The last gate_up task of an
-    /// expert (over all nodes) runs `finish(expert)` and marks the expert ready;
-    /// its down tasks wait for that. Workers claim a node's tasks in order, so
-    /// when a down task starts, every gate_up task of its node has been claimed
-    /// and the wait is for tasks already running (no deadlock); the phase
-    /// barrier and the second dispatch of [`CpuExperts::run_phase`] disappear.
-    /// Must not run nested on a pool worker (the pool then runs tasks inline,
-    /// node after node).
+    /// Both phases in one dispatch: every node's tasks are its gate_up chunks
+    /// followed by its down chunks. The last gate_up piece of an expert (over
+    /// all nodes) runs `finish(expert)` and marks the expert ready; a down piece
+    /// waits for its expert to be ready. Workers claim a node's tasks in order,
+    /// so when a down task starts, every gate_up task of its node has been
+    /// claimed and the wait is for tasks already running (no deadlock); the
+    /// phase barrier and the second dispatch of [`CpuExperts::run_phase`]
+    /// disappear. Must not run nested on a pool worker (the pool then runs tasks
+    /// inline, node after node).
     fn run_fused(
         &self,
         active: &[(usize, usize, usize)],
@@ -863,15 +864,23 @@ impl CpuExperts {
         down: impl Fn(&NodeShard, (usize, usize, usize), std::ops::Range<usize>) + Sync,
     ) {
         use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-        let gu = self.groups(active.len(), |s| s.gu.len());
-        let dn = self.groups(active.len(), |s| s.dn.len());
-        let total_gu: usize = gu.iter().map(|&(_, g)| g).sum();
-        let left: Vec<AtomicUsize> = active.iter().map(|_| AtomicUsize::new(total_gu)).collect();
-        let ready: Vec<AtomicBool> = active.iter().map(|_| AtomicBool::new(total_gu == 0)).collect();
-        if total_gu == 0 {
-            active.iter().for_each(|&a| finish(a));
+        let gu = self.chunking(active.len(), |s| s.gu.len());
+        let dn = self.chunking(active.len(), |s| s.dn.len());
+        // gate_up pieces per expert, over all nodes.
+        let mut pieces = vec![0usize; active.len()];
+        for c in &gu {
+            for t in 0..c.tasks {
+                c.pieces(t, |a, _| pieces[a] += 1);
+            }
         }
-        /// Counts one gate_up task of expert `a` done, also when it unwinds, so
+        let left: Vec<AtomicUsize> = pieces.iter().map(|&n| AtomicUsize::new(n)).collect();
+        let ready: Vec<AtomicBool> = pieces.iter().map(|&n| AtomicBool::new(n == 0)).collect();
+        for (a, &n) in pieces.iter().enumerate() {
+            if n == 0 {
+                finish(active[a]);
+            }
+        }
+        /// Counts one gate_up piece of expert `a` done, also when it unwinds, so
         /// down tasks never wait forever (the pool re-raises the panic).
         struct Done<'a, F: Fn((usize, usize, usize))> {
             a: usize,
@@ -890,23 +899,47 @@ impl CpuExperts {
                 }
             }
         }
-        let tasks: Vec<usize> = gu.iter().zip(&dn).map(|(&(_, g), &(_, d))| (g + d) * active.len()).collect();
+        let tasks: Vec<usize> = gu.iter().zip(&dn).map(|(g, d)| g.tasks + d.tasks).collect();
         self.pool.parallel_for_nodes(&tasks, |ctx, task| {
             let shard = &self.shards[ctx.node];
-            let ((gper, gn), (dper, dnn)) = (gu[ctx.node], dn[ctx.node]);
-            let n_gu = gn * active.len();
-            if task < n_gu {
-                let (a, g) = (task / gn, task % gn);
-                let _done = Done { a, expert: active[a], left: &left, ready: &ready, finish: &finish };
-                gate_up(shard, active[a], g * gper..((g + 1) * gper).min(shard.gu.len()));
+            let (g, d) = (&gu[ctx.node], &dn[ctx.node]);
+            if task < g.tasks {
+                g.pieces(task, |a, blocks| {
+                    let _done = Done { a, expert: active[a], left: &left, ready: &ready, finish: &finish };
+                    gate_up(shard, active[a], blocks);
+                });
             } else {
-                let (a, g) = ((task - n_gu) / dnn, (task - n_gu) % dnn);
-                while !ready[a].load(Ordering::Acquire) {
-                    std::hint::spin_loop();
-                }
-                down(shard, active[a], g * dper..((g + 1) * dper).min(shard.dn.len()));
+                d.pieces(task - g.tasks, |a, blocks| {
+                    while !ready[a].load(Ordering::Acquire) {
+                        std::hint::spin_loop();
+                    }
+                    down(shard, active[a], blocks);
+                });
             }
         });
+    }
+}
+
+/// One node's blocks of one phase, cut into tasks: `total = per_expert × active`
+/// blocks laid end to end in expert order, task `t` covering
+/// `[t·total/tasks, (t+1)·total/tasks)`.
+struct Chunks {
+    per_expert: usize,
+    total: usize,
+    tasks: usize,
+}
+
+impl Chunks {
+    /// Calls `f(active index, block range within that expert)` for each piece of
+    /// task `t`, in order.
+    fn pieces(&self, t: usize, mut f: impl FnMut(usize, std::ops::Range<usize>)) {
+        let (mut s, e) = (t * self.total / self.tasks, (t + 1) * self.total / self.tasks);
+        while s < e {
+            let a = s / self.per_expert;
+            let end = e.min((a + 1) * self.per_expert);
+            f(a, s - a * self.per_expert..end - a * self.per_expert);
+            s = end;
+        }
     }
 }
 
