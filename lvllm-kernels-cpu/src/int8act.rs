@@ -33,8 +33,29 @@ pub fn q_stride(k: usize) -> usize {
 }
 
 /// Quantizes one activation row `x` (`k` values) per `group` columns into `q`
-/// (`q_stride(k)` values, zero padded), `scales` and `sums` (`⌈k/group⌉` each).
+/// (`q_stride(k)` values, zero padded), `scales` and `sums` (`⌈k/group⌉` each),
+/// with AVX-512 when present (the same bits as [`quantize_row_ref`]).
 pub fn quantize_row(x: &[f32], group: usize, q: &mut [i8], scales: &mut [f32], sums: &mut [i32]) {
+    let k = x.len();
+    assert!(q.len() >= q_stride(k) && scales.len() >= k.div_ceil(group) && sums.len() >= k.div_ceil(group));
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::Isa::detect() == crate::simd::Isa::Avx512 {
+        q[k..q_stride(k)].fill(0);
+        for (g, chunk) in x.chunks(group).enumerate() {
+            let out = &mut q[g * group..g * group + chunk.len()];
+            // SAFETY: AVX-512 F/BW are present (detected); `out` has the chunk's length.
+            let (xs, sum) = unsafe { quant_avx512::group(chunk, out) };
+            scales[g] = xs;
+            sums[g] = sum;
+        }
+        return;
+    }
+    quantize_row_ref(x, group, q, scales, sums)
+}
+
+/// Scalar twin of [`quantize_row`]: per group, `xs = amax/127` and
+/// `q = round_half_even(x/xs)` (0 when the group is all zeros).
+pub fn quantize_row_ref(x: &[f32], group: usize, q: &mut [i8], scales: &mut [f32], sums: &mut [i32]) {
     let k = x.len();
     assert!(q.len() >= q_stride(k) && scales.len() >= k.div_ceil(group) && sums.len() >= k.div_ceil(group));
     q[k..q_stride(k)].fill(0);
@@ -49,6 +70,58 @@ pub fn quantize_row(x: &[f32], group: usize, q: &mut [i8], scales: &mut [f32], s
         }
         scales[g] = xs;
         sums[g] = sum;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod quant_avx512 {
+    use std::arch::x86_64::*;
+
+    /// Quantizes one group: returns `(xs, Σq)` and writes `q` (same length as `x`).
+    /// Division and round-half-even as in the scalar twin, so the bits agree
+    /// (max and the integer sum do not depend on the order).
+    ///
+    /// # Safety
+    /// AVX-512 F/BW must be present; `q.len() == x.len()`.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn group(x: &[f32], q: &mut [i8]) -> (f32, i32) {
+        let n = x.len();
+        let full = n / 16 * 16;
+        // SAFETY: loads and stores stay within x[..full] / q[..full] (16 at a time).
+        unsafe {
+            let abs_mask = _mm512_set1_epi32(0x7fff_ffff);
+            let mut vmax = _mm512_setzero_ps();
+            for i in (0..full).step_by(16) {
+                let v = _mm512_castsi512_ps(_mm512_and_si512(
+                    _mm512_castps_si512(_mm512_loadu_ps(x.as_ptr().add(i))),
+                    abs_mask,
+                ));
+                vmax = _mm512_max_ps(vmax, v);
+            }
+            let amax = x[full..].iter().fold(_mm512_reduce_max_ps(vmax), |a, v| a.max(v.abs()));
+            let xs = amax / 127.0;
+            if xs <= 0.0 {
+                q.fill(0);
+                return (xs, 0);
+            }
+            let vxs = _mm512_set1_ps(xs);
+            let (lo, hi) = (_mm512_set1_epi32(-127), _mm512_set1_epi32(127));
+            let mut vsum = _mm512_setzero_si512();
+            for i in (0..full).step_by(16) {
+                let v = _mm512_div_ps(_mm512_loadu_ps(x.as_ptr().add(i)), vxs);
+                // Round to nearest even (the default MXCSR mode), then clamp.
+                let r = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(v), lo), hi);
+                vsum = _mm512_add_epi32(vsum, r);
+                _mm_storeu_si128(q.as_mut_ptr().add(i).cast(), _mm512_cvtepi32_epi8(r));
+            }
+            let mut sum = _mm512_reduce_add_epi32(vsum);
+            for i in full..n {
+                let qi = super::round_half_even(x[i] / xs).clamp(-127.0, 127.0) as i8;
+                q[i] = qi;
+                sum += qi as i32;
+            }
+            (xs, sum)
+        }
     }
 }
 
@@ -218,7 +291,18 @@ mod vnni {
             let qpg = group / 4;
             let mut acc = [[_mm512_setzero_ps(); 2]; T];
             let pf = crate::packed::prefetch();
+            // The scales are a second stream (one line per group, after the
+            // data): prefetch them as many groups ahead as the data.
+            let pf_groups = pf.distance.div_ceil(group * 16);
+            if pf.distance > 0 {
+                for g in 0..pf_groups.min(k.div_ceil(group)) {
+                    _mm_prefetch::<_MM_HINT_T0>(scales.cast::<u8>().add(g * 64).cast());
+                }
+            }
             for g in 0..k.div_ceil(group) {
+                if pf.distance > 0 {
+                    _mm_prefetch::<_MM_HINT_T0>(scales.cast::<u8>().wrapping_add((g + pf_groups) * 64).cast());
+                }
                 let mut ai = [[_mm512_setzero_si512(); 2]; T];
                 for quad in g * qpg..((g + 1) * qpg).min(quads) {
                     if pf.distance > 0 {
@@ -269,6 +353,29 @@ mod tests {
     use super::*;
     use crate::packed::{gemm_block_ref, pack_block};
     use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn quantize_row_matches_ref(k in 1usize..400, g128 in any::<bool>(), seed in any::<u64>(), zeros in any::<bool>()) {
+            let group = if g128 { 128 } else { 32 };
+            let mut s = seed | 1;
+            let x: Vec<f32> = (0..k).map(|i| {
+                s ^= s << 13; s ^= s >> 7; s ^= s << 17;
+                // Some exact halves of the step, and an all-zero first group.
+                if zeros && i < group { 0.0 } else { ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 8.0 }
+            }).collect();
+            let groups = k.div_ceil(group);
+            let (mut q1, mut q2) = (vec![5i8; q_stride(k)], vec![5i8; q_stride(k)]);
+            let (mut s1, mut s2) = (vec![0f32; groups], vec![0f32; groups]);
+            let (mut u1, mut u2) = (vec![0i32; groups], vec![0i32; groups]);
+            quantize_row(&x, group, &mut q1, &mut s1, &mut u1);
+            quantize_row_ref(&x, group, &mut q2, &mut s2, &mut u2);
+            prop_assert_eq!(q1, q2);
+            prop_assert_eq!(s1, s2);
+            prop_assert_eq!(u1, u2);
+        }
+    }
 
     #[test]
     fn magic_rounding_is_half_even() {

@@ -93,6 +93,9 @@ fn check_router(n_experts: usize, k: usize) -> Result<()> {
     Ok(())
 }
 
+/// Warps per block of the one-token router ([`Gpu::router_fused`] with `t = 1`).
+const ROUTER_T1_WARPS: usize = 2;
+
 /// Most rows (tokens) the GEMV kernels take at once (`GEMV_MAX_T` in kernels.cu).
 pub const GEMV_MAX_T: usize = 16;
 
@@ -375,7 +378,7 @@ impl Gpu {
             return Err(Error::Args(format!("head_dim {dim} > 256")));
         }
         let cfg =
-            LaunchConfig { grid_dim: (tokens as u32, n_heads as u32, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 };
+            LaunchConfig { grid_dim: (tokens as u32, n_heads as u32, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
         self.launch(
             "paged_attention",
             cfg,
@@ -517,7 +520,14 @@ impl Gpu {
         k: usize,
         width: usize,
     ) -> Result<()> {
-        self.launch("moe_combine_add", rows(tokens, 256), &[&y, &wts, &out, &(k as i32), &(width as i32)])
+        // A block per (token, 256 columns): one block per token left a 2048-wide
+        // decode row to a single SM.
+        let cfg = LaunchConfig {
+            grid_dim: (tokens.max(1) as u32, width.div_ceil(256).max(1) as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch("moe_combine_add", cfg, &[&y, &wts, &out, &(k as i32), &(width as i32)])
     }
 
     /// Allocates `bytes` of pinned host memory mapped into the device's address
@@ -726,9 +736,13 @@ impl Gpu {
         if t > GEMV_MAX_T {
             return Err(Error::Args(format!("router of {t} rows > {GEMV_MAX_T}")));
         }
+        // A row per warp. One token's top-k needs one warp of the last block, so
+        // its rows are spread two per block over more SMs; a batch keeps eight
+        // warps per block for its tokens' top-k.
+        let warps = if t == 1 { ROUTER_T1_WARPS } else { 8 };
         let cfg = LaunchConfig {
-            grid_dim: (n_experts.div_ceil(8) as u32, 1, 1),
-            block_dim: (256, 1, 1),
+            grid_dim: (n_experts.div_ceil(warps) as u32, 1, 1),
+            block_dim: (32 * warps as u32, 1, 1),
             shared_mem_bytes: 0,
         };
         let hf = handoff.unwrap_or_default();

@@ -98,24 +98,27 @@ extern "C" __global__ void kv_write(const float* k, const float* v, float* kc, f
     }
 }
 
-// Causal attention over the paged cache, one warp per (token, head), online softmax.
+// Causal attention over the paged cache, one block of ATT_WARPS warps per (token, head), online softmax.
 // q/out: [T, n_heads, D]; kc/vc: [slots, n_kv, D]; token t of sequence seq[t] at
 // position pos[t] attends to positions 0..=pos[t] through block_tables[seq, :].
-// grid: (T, n_heads), block: 32. D ≤ 256.
-#define ATT_WARPS 16
-extern "C" __global__ void paged_attention(const float* q, const float* kc, const float* vc, float* out, const int* pos,
+// grid: (T, n_heads), block: 32·ATT_WARPS = 1024. D ≤ 256.
+#define ATT_WARPS 32
+extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS) paged_attention(const float* q, const float* kc, const float* vc, float* out, const int* pos,
                                            const int* seq, const int* block_tables, int max_blocks, int block_size,
                                            int n_heads, int n_kv, int dim, float scale) {
     // One block of ATT_WARPS warps per (token, head): warp w takes positions
     // w, w + ATT_WARPS, ... with its own online softmax, then the warps' partial
     // results are merged through shared memory. The per-position loop is latency
-    // bound, so spreading it over warps is what makes decode attention fast.
+    // bound, so spreading it over warps is what makes decode attention fast; a
+    // position's K and V rows are both loaded before its score is reduced, so
+    // their latencies overlap. Fixed-size unrolled loops keep the per-lane
+    // arrays in registers.
     const int t = blockIdx.x, h = blockIdx.y, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     const int kvh = h / (n_heads / n_kv);
     const float* qh = q + ((size_t)t * n_heads + h) * dim;
     float qv[8], acc[8];
-    const int per = (dim + 31) / 32;
-    for (int i = 0; i < per; i++) {
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
         const int d = lane + 32 * i;
         qv[i] = d < dim ? qh[d] * scale : 0.f;
         acc[i] = 0.f;
@@ -127,19 +130,23 @@ extern "C" __global__ void paged_attention(const float* q, const float* kc, cons
         const size_t slot = (size_t)bt[j / block_size] * block_size + j % block_size;
         const float* kj = kc + (slot * n_kv + kvh) * dim;
         const float* vj = vc + (slot * n_kv + kvh) * dim;
-        float s = 0.f;
-        for (int i = 0; i < per; i++) {
+        float kr[8], vr[8];
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
             const int d = lane + 32 * i;
-            if (d < dim) s += qv[i] * kj[d];
+            kr[i] = d < dim ? kj[d] : 0.f;
+            vr[i] = d < dim ? vj[d] : 0.f;
         }
+        float s = 0.f;
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+            if (lane + 32 * i < dim) s += qv[i] * kr[i];
         s = warp_sum(s);
         const float m_new = fmaxf(m, s);
         const float corr = expf(m - m_new), pj = expf(s - m_new);
         l = l * corr + pj;
-        for (int i = 0; i < per; i++) {
-            const int d = lane + 32 * i;
-            acc[i] = acc[i] * corr + (d < dim ? pj * vj[d] : 0.f);
-        }
+#pragma unroll
+        for (int i = 0; i < 8; i++) acc[i] = acc[i] * corr + (lane + 32 * i < dim ? pj * vr[i] : 0.f);
         m = m_new;
     }
     __shared__ float sm[ATT_WARPS], sl[ATT_WARPS];
@@ -148,7 +155,8 @@ extern "C" __global__ void paged_attention(const float* q, const float* kc, cons
         sm[w] = m;
         sl[w] = l;
     }
-    for (int i = 0; i < per; i++) {
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
         const int d = lane + 32 * i;
         if (d < dim) sacc[w][d] = acc[i];
     }
@@ -169,18 +177,20 @@ extern "C" __global__ void paged_attention(const float* q, const float* kc, cons
 // Most experts a router kernel takes: TOPK_PER_LANE per lane of one warp.
 #define TOPK_PER_LANE 16
 
-// Softmax top-k of one token's logits by one warp (n_experts ≤ 32·TOPK_PER_LANE,
-// k ≤ 32): lane l holds experts l, l + 32, ...; each of the k rounds takes the
-// largest remaining logit (ties: the lower expert index first) by a warp
-// reduction. Lane 0..k-1 write ids[j] and weights[j] (softmax probability,
-// renormalised over the k when asked).
-__device__ __forceinline__ void warp_topk(const float* lg, int n_experts, int k, int renormalize, int* ids,
-                                          float* weights) {
+// Softmax top-k of one token's logits by one warp (n_experts ≤ 32·PL, k ≤ 32):
+// lane l holds experts l, l + 32, ...; each of the k rounds takes the largest
+// remaining logit (ties: the lower expert index first) by a warp reduction.
+// Lane 0..k-1 write ids[j] and weights[j] (softmax probability, renormalised
+// over the k when asked). PL only bounds the per-lane slots scanned each round
+// (the result does not depend on it): see warp_topk.
+template <int PL>
+__device__ __forceinline__ void warp_topk_pl(const float* lg, int n_experts, int k, int renormalize, int* ids,
+                                             float* weights) {
     const int lane = threadIdx.x & 31;
-    float v[TOPK_PER_LANE];
+    float v[PL];
     float mx = -LV_INF;
 #pragma unroll
-    for (int j = 0; j < TOPK_PER_LANE; j++) {
+    for (int j = 0; j < PL; j++) {
         const int e = lane + 32 * j;
         v[j] = e < n_experts ? __ldcg(lg + e) : -LV_INF;
         mx = fmaxf(mx, v[j]);
@@ -188,7 +198,7 @@ __device__ __forceinline__ void warp_topk(const float* lg, int n_experts, int k,
     mx = warp_max(mx);
     float z = 0.f;
 #pragma unroll
-    for (int j = 0; j < TOPK_PER_LANE; j++)
+    for (int j = 0; j < PL; j++)
         if (lane + 32 * j < n_experts) z += expf(v[j] - mx);
     z = warp_sum(z);
     unsigned taken = 0u;
@@ -198,7 +208,7 @@ __device__ __forceinline__ void warp_topk(const float* lg, int n_experts, int k,
         float bv = -LV_INF;
         int be = 0x7fffffff;
 #pragma unroll
-        for (int j = 0; j < TOPK_PER_LANE; j++) {
+        for (int j = 0; j < PL; j++) {
             const int e = lane + 32 * j;
             if (e < n_experts && !((taken >> j) & 1u) && (be == 0x7fffffff || v[j] > bv)) {
                 bv = v[j];
@@ -225,6 +235,19 @@ __device__ __forceinline__ void warp_topk(const float* lg, int n_experts, int k,
         ids[lane] = my_id;
         weights[lane] = renormalize ? my_p / sum : my_p;
     }
+}
+
+// warp_topk_pl with as few slots per lane as n_experts needs (≤ 128 experts,
+// as Qwen3-MoE has: 4 slots instead of 16, so each of the k serial rounds
+// scans a quarter of them). The branch is uniform over the warp.
+__device__ __forceinline__ void warp_topk(const float* lg, int n_experts, int k, int renormalize, int* ids,
+                                          float* weights) {
+    if (n_experts <= 32 * 4)
+        warp_topk_pl<4>(lg, n_experts, k, renormalize, ids, weights);
+    else if (n_experts <= 32 * 8)
+        warp_topk_pl<8>(lg, n_experts, k, renormalize, ids, weights);
+    else
+        warp_topk_pl<TOPK_PER_LANE>(lg, n_experts, k, renormalize, ids, weights);
 }
 
 // Softmax top-k routing per token.  grid: tokens, block: 32 (one warp per token)
@@ -306,6 +329,7 @@ __device__ __forceinline__ void fma8_rows(const float* x, long long x_stride, in
 // (x rows `x_stride` apart). f32 activations, bf16 weights, f32 accumulation.
 // TM is the kernel's compile-time row bound: TM = 1 (decode of one sequence)
 // needs few registers, so its kernels fit more warps and load eight chunks ahead.
+// The whole warp calls it (it ends with warp reductions).
 template <int TM>
 __device__ __forceinline__ void warp_gemv_row(const float* x, long long x_stride, const bf16_t* wr, float* acc, int T, int K) {
     const int lane = threadIdx.x & 31;
@@ -354,8 +378,12 @@ __device__ __forceinline__ void gemv_row_store(const float* x, const bf16_t* w, 
 #pragma unroll
     for (int t = 0; t < TM; t++) acc[t] = 0.f;
     warp_gemv_row<TM>(x, K, w + (size_t)n * K, acc, T, K);
-    if ((threadIdx.x & 31) == 0)
-        for (int t = 0; t < T; t++) y[(size_t)t * N + n] = acc[t];
+    if ((threadIdx.x & 31) == 0) {
+        // A compile-time bound keeps acc in registers (a runtime one put it in local memory).
+#pragma unroll
+        for (int t = 0; t < TM; t++)
+            if (t < T) y[(size_t)t * N + n] = acc[t];
+    }
 }
 
 // y[t, n] = Σ_k x[t, k] · w[n, k] for T ≤ TM tokens.  grid: ⌈N/8⌉, block: 256 (a warp per row)
@@ -385,14 +413,31 @@ extern "C" __global__ void moe_gemv_bf16(const float* x, const bf16_t* w, const 
     if ((threadIdx.x & 31) == 0) y[(size_t)s * N + n] = acc[0];
 }
 
-// out[t, :] += Σ_j wts[t·k + j] · y[t·k + j, :]   grid: tokens
+// out[t, :] += Σ_j wts[t·k + j] · y[t·k + j, :], summed in j order.
+// grid: (tokens, ⌈width/256⌉), block: 256. A thread per element: its k loads of
+// y are issued eight at a time before any is summed. As in warp_gemv_row,
+// __syncwarp() keeps ptxas from sinking each load to its use (the weights,
+// the same few words for every thread, are loaded after it so that no
+// product can be hoisted above it), so every lane of the warp gets there
+// (none returns early).
 extern "C" __global__ void moe_combine_add(const float* y, const float* wts, float* out, int k, int width) {
-    const int t = blockIdx.x;
-    for (int i = threadIdx.x; i < width; i += blockDim.x) {
-        float s = 0.f;
-        for (int j = 0; j < k; j++) s += wts[t * k + j] * y[((size_t)t * k + j) * width + i];
-        out[(size_t)t * width + i] += s;
+    const int t = blockIdx.x, i = blockIdx.y * blockDim.x + threadIdx.x;
+    const bool in = i < width;
+    const float* yt = y + (size_t)t * k * width + i;
+    const float* wt = wts + (size_t)t * k;
+    float* ot = out + (size_t)t * width + i;
+    const float o0 = in ? *ot : 0.f;
+    float s = 0.f;
+    for (int j0 = 0; j0 < k; j0 += 8) {
+        float v[8];
+#pragma unroll
+        for (int u = 0; u < 8; u++) v[u] = in && j0 + u < k ? yt[(size_t)(j0 + u) * width] : 0.f;
+        __syncwarp();
+#pragma unroll
+        for (int u = 0; u < 8; u++)
+            if (j0 + u < k) s += wt[j0 + u] * v[u];
     }
+    if (in) *ot = o0 + s;
 }
 
 // gemv_bf16 for up to three matrices sharing the input x (e.g. q, k and v): the
@@ -484,37 +529,92 @@ extern "C" __global__ void qk_norm_rope_kv(float* q, float* k, const float* v, c
     }
 }
 
-// x[r] += y[r]; out[r] = RMSNorm(x[r]) · w, per row (add_inplace then rmsnorm in
-// one launch, same arithmetic). y_mapped: y is mapped host memory the CPU
-// rewrites between steps (read uncached). With a flag, the kernel first waits
-// for *flag == value (the host's "done" of a hybrid handoff).  grid: rows, block: 256
-// One row of add_rmsnorm by the whole block. y_mode: 0 plain, 1 mapped host
-// memory (uncached), 2 written by other blocks of this kernel (L2 only).
+// y[i] by y_mode: 0 plain, 1 mapped host memory (uncached), 2 written by other
+// blocks of this kernel (L2 only).
+__device__ __forceinline__ float load_y(const float* yr, int i, int y_mode) {
+    return y_mode == 1 ? __ldcv(yr + i) : y_mode == 2 ? __ldcg(yr + i) : yr[i];
+}
+
+// add_rmsnorm_row keeps a row in registers, NORM_REGS elements per thread, when
+// the block has NORM_BLOCK threads (how every launcher starts it: a
+// compile-time stride lets one address register serve every element) and
+// width ≤ NORM_REGS · NORM_BLOCK (2048); otherwise it takes a loop. (16 per
+// thread cost gemv_add_rmsnorm_t1 91 registers, which its GEMV half pays.)
+#define NORM_BLOCK 256
+#define NORM_REGS 8
+
+// One row of add_rmsnorm by the whole block (y read per y_mode, see load_y).
 __device__ __forceinline__ void add_rmsnorm_row(float* xr, const float* yr, int y_mode, const float* w, float* o,
                                                 int width, float eps, float* part) {
-    // y is loaded eight elements per thread at a time before any x is written:
-    // from mapped host memory each load is a PCIe round trip, and x and y may
-    // alias, so a load-add-store loop would wait for every load in turn.
-    float s = 0.f;
-    for (int i0 = threadIdx.x; i0 < width; i0 += 8 * blockDim.x) {
-        float yv[8];
+    // Every load of the row (y, x and the norm weight) is issued before any
+    // store: from mapped host memory each y load is a PCIe round trip, and a
+    // loop that loads, adds and stores element by element waits for each load
+    // in turn (the compiler cannot move a load above a store that may alias
+    // it). Thread i owns elements i, i + blockDim, ... in both passes, so x, y
+    // and out may alias. Same arithmetic, in the same order, as add_inplace
+    // then rmsnorm.
+    const int tid = threadIdx.x, bd = blockDim.x;
+    if (bd == NORM_BLOCK && width <= NORM_REGS * NORM_BLOCK) {
+        float yv[NORM_REGS], v[NORM_REGS], wv[NORM_REGS];
 #pragma unroll
-        for (int u = 0; u < 8; u++) {
-            const int i = i0 + u * blockDim.x;
-            yv[u] = i >= width ? 0.f : y_mode == 1 ? __ldcv(yr + i) : y_mode == 2 ? __ldcg(yr + i) : yr[i];
+        for (int u = 0; u < NORM_REGS; u++) {
+            const int i = tid + u * NORM_BLOCK;
+            yv[u] = i < width ? load_y(yr, i, y_mode) : 0.f;
+            v[u] = i < width ? xr[i] : 0.f;
+            wv[u] = i < width ? w[i] : 0.f;
         }
+        float s = 0.f;
 #pragma unroll
-        for (int u = 0; u < 8; u++) {
-            const int i = i0 + u * blockDim.x;
+        for (int u = 0; u < NORM_REGS; u++) {
+            const int i = tid + u * NORM_BLOCK;
             if (i < width) {
-                const float v = xr[i] + yv[u];
-                xr[i] = v;
-                s += v * v;
+                v[u] += yv[u];
+                xr[i] = v[u];
+                s += v[u] * v[u];
+            }
+        }
+        const float inv = rsqrtf(block_sum(s, part) / (float)width + eps);
+#pragma unroll
+        for (int u = 0; u < NORM_REGS; u++) {
+            const int i = tid + u * NORM_BLOCK;
+            if (i < width) o[i] = wv[u] * (v[u] * inv);
+        }
+    } else {
+        float s = 0.f;
+        for (int i0 = tid; i0 < width; i0 += 8 * bd) {
+            float yv[8], xv[8];
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+                const int i = i0 + u * bd;
+                yv[u] = i < width ? load_y(yr, i, y_mode) : 0.f;
+                xv[u] = i < width ? xr[i] : 0.f;
+            }
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+                const int i = i0 + u * bd;
+                if (i < width) {
+                    const float v = xv[u] + yv[u];
+                    xr[i] = v;
+                    s += v * v;
+                }
+            }
+        }
+        const float inv = rsqrtf(block_sum(s, part) / (float)width + eps);
+        for (int i0 = tid; i0 < width; i0 += 8 * bd) {
+            float xv[8], wv[8];
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+                const int i = i0 + u * bd;
+                xv[u] = i < width ? xr[i] : 0.f;
+                wv[u] = i < width ? w[i] : 0.f;
+            }
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+                const int i = i0 + u * bd;
+                if (i < width) o[i] = wv[u] * (xv[u] * inv);
             }
         }
     }
-    const float inv = rsqrtf(block_sum(s, part) / (float)width + eps);
-    for (int i = threadIdx.x; i < width; i += blockDim.x) o[i] = w[i] * (xr[i] * inv);
     __syncthreads();
 }
 
@@ -535,6 +635,10 @@ __device__ __forceinline__ void wait_flag(const volatile unsigned* flag, unsigne
     __syncthreads();
 }
 
+// x[r] += y[r]; out[r] = RMSNorm(x[r]) · w, per row (add_inplace then rmsnorm in
+// one launch, same arithmetic). y_mapped: y is mapped host memory the CPU
+// rewrites between steps (read uncached). With a flag, the kernel first waits
+// for *flag == value (the host's "done" of a hybrid handoff).  grid: rows, block: 256
 extern "C" __global__ void add_rmsnorm(float* x, const float* y, int y_mapped, const float* w, float* out, int width,
                                        float eps, const unsigned* flag, unsigned value) {
     __shared__ float part[32];
@@ -559,14 +663,26 @@ __device__ __forceinline__ bool last_block(unsigned* counter) {
     return is_last;
 }
 
+// Asks L2 to fetch `bytes` from p (generic address), one 128-byte line per
+// thread of the grid: no effect on results, only on where a later load finds them.
+__device__ __forceinline__ void prefetch_l2(const void* p, long long bytes) {
+    const long long stride = (long long)gridDim.x * blockDim.x * 128;
+    for (long long off = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 128; off < bytes; off += stride)
+        asm volatile("prefetch.L2 [%0];" ::"l"((const char*)p + off));
+}
+
 // y = x · woᵀ (gemv_bf16, one warp per row), then, by the grid's last block,
 // res[t] += y[t]; out[t] = RMSNorm(res[t]) · nw for every token t (o_proj,
-// residual add and the next norm in one launch).  grid: ⌈N/8⌉, block: 256
+// residual add and the next norm in one launch). The grid first prefetches res
+// and nw into L2, so the last block's serial tail finds them there rather
+// than in DRAM.  grid: ⌈N/8⌉, block: 256
 template <int TM>
 __device__ __forceinline__ void gemv_add_rmsnorm_body(const float* x, const bf16_t* wo, float* y, int T, int N, int K,
                                                       float* res, const float* nw, float* out, float eps,
                                                       unsigned* counter) {
     __shared__ float part[32];
+    prefetch_l2(res, (long long)T * N * 4);
+    prefetch_l2(nw, (long long)N * 4);
     const int n = blockIdx.x * 8 + (threadIdx.x >> 5);
     if (n < N) gemv_row_store<TM>(x, wo, y, n, T, N, K);
     if (!last_block(counter)) return;
@@ -587,21 +703,23 @@ extern "C" __global__ void gemv_add_rmsnorm_t1(const float* x, const bf16_t* wo,
 // `dst_h`, the kernel also copies the tokens' normed hidden states there and
 // sets `*done = 0`, `*n_out = n_tokens`: the GPU half of a hybrid MoE handoff.
 // With `doorbell`, the last block then rings it with `tag` itself (else a
-// stream memory write after the kernel does).
-// grid: ⌈n_experts/8⌉, block: 256
+// stream memory write after the kernel does). The copy's writes are issued
+// before the GEMV, so they cross PCIe while it runs and the system fence after
+// both rarely has to wait for them.
+// grid: ⌈n_experts/W⌉, block: 32·W (W warps, a row each; the launcher picks W)
 template <int TM>
 __device__ __forceinline__ void router_fused_body(const float* a, const bf16_t* wr, float* logits, int n_tokens,
                                                   int n_experts, int k, int renormalize, int h, int* ids, float* weights,
                                                   float* dst_h, unsigned* done, unsigned* n_out, unsigned* counter,
                                                   unsigned* doorbell, unsigned tag) {
-    const int n = blockIdx.x * 8 + (threadIdx.x >> 5);
-    if (n < n_experts) gemv_row_store<TM>(a, wr, logits, n, n_tokens, n_experts, h);
     if (dst_h) {
         const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
         const long long stride = (long long)gridDim.x * blockDim.x;
         for (long long i = tid; i < (long long)n_tokens * h; i += stride) dst_h[i] = a[i];
-        __threadfence_system();
     }
+    const int n = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (n < n_experts) gemv_row_store<TM>(a, wr, logits, n, n_tokens, n_experts, h);
+    if (dst_h) __threadfence_system();
     if (!last_block(counter)) return;
     for (int t = threadIdx.x >> 5; t < n_tokens; t += blockDim.x >> 5)
         warp_topk(logits + (size_t)t * n_experts, n_experts, k, renormalize, ids + t * k, weights + t * k);

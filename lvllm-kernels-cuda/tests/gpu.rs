@@ -243,6 +243,19 @@ fn kernels_match_cpu_references() {
             })
             .collect();
         close("moe_combine_add", &g.download(&dout).unwrap(), &want, 1e-6);
+        // a decode-sized row over several blocks (width not a multiple of 256) and
+        // k = 10 (a full and a partial batch of loads)
+        let (tn, topk, n) = (2usize, 10usize, 2088usize);
+        let (yw, wts, base) = (rnd(tn * topk * n, 34), rnd(tn * topk, 35), rnd(tn * n, 36));
+        let (dyw, dwt, dout) = (g.upload(&yw).unwrap(), g.upload(&wts).unwrap(), g.upload(&base).unwrap());
+        g.moe_combine_add(g.ptr(&dyw), g.ptr(&dwt), g.ptr(&dout), tn, topk, n).unwrap();
+        let want: Vec<f32> = (0..tn * n)
+            .map(|i| {
+                let (t, c) = (i / n, i % n);
+                base[i] + (0..topk).map(|j| wts[t * topk + j] * yw[(t * topk + j) * n + c]).sum::<f32>()
+            })
+            .collect();
+        close("moe_combine_add wide", &g.download(&dout).unwrap(), &want, 1e-6);
 
         // split_bf16 + sum_halves: hi + lo reproduces x to ~16 mantissa bits
         let x = rnd(500, 40);
@@ -368,17 +381,27 @@ fn fused_kernels_match_their_parts() {
         close("qk_norm_rope_kv k cache", &g.download(&fkc).unwrap(), &g.download(&skc).unwrap(), 1e-6);
         close("qk_norm_rope_kv v cache", &g.download(&fvc).unwrap(), &g.download(&svc).unwrap(), 0.0);
 
-        // add_rmsnorm = add_inplace + rmsnorm, from device memory and from mapped host memory
+        // add_rmsnorm = add_inplace + rmsnorm, from device memory (a row held in
+        // registers, and a wider one that takes the loop) and from mapped host memory
+        for w in [4100, 2048] {
+            let r = 3;
+            let (x, y, wt) = (rnd(r * w, 70), rnd(r * w, 71), rnd(w, 72));
+            let (dx, dy, dw) = (up(&x), up(&y), up(&wt));
+            let (out, want) = (g.alloc::<f32>(r * w).unwrap(), g.alloc::<f32>(r * w).unwrap());
+            g.add_rmsnorm(g.ptr(&dx), g.ptr(&dy), false, g.ptr(&dw), g.ptr(&out), r, w, 1e-6, None).unwrap();
+            let dx2 = up(&x);
+            g.add_inplace(g.ptr(&dx2), g.ptr(&dy), r * w).unwrap();
+            g.rmsnorm(g.ptr(&dx2), g.ptr(&dw), g.ptr(&want), r, w, 1e-6).unwrap();
+            close(&format!("add_rmsnorm x, width {w}"), &g.download(&dx).unwrap(), &g.download(&dx2).unwrap(), 0.0);
+            close(&format!("add_rmsnorm out, width {w}"), &g.download(&out).unwrap(), &g.download(&want).unwrap(), 0.0);
+        }
         let (r, w) = (3, 2048);
         let (x, y, wt) = (rnd(r * w, 70), rnd(r * w, 71), rnd(w, 72));
-        let (dx, dy, dw) = (up(&x), up(&y), up(&wt));
+        let dw = up(&wt);
         let (out, want) = (g.alloc::<f32>(r * w).unwrap(), g.alloc::<f32>(r * w).unwrap());
-        g.add_rmsnorm(g.ptr(&dx), g.ptr(&dy), false, g.ptr(&dw), g.ptr(&out), r, w, 1e-6, None).unwrap();
-        let dx2 = up(&x);
+        let (dx2, dy) = (up(&x), up(&y));
         g.add_inplace(g.ptr(&dx2), g.ptr(&dy), r * w).unwrap();
         g.rmsnorm(g.ptr(&dx2), g.ptr(&dw), g.ptr(&want), r, w, 1e-6).unwrap();
-        close("add_rmsnorm x", &g.download(&dx).unwrap(), &g.download(&dx2).unwrap(), 0.0);
-        close("add_rmsnorm out", &g.download(&out).unwrap(), &g.download(&want).unwrap(), 0.0);
         // ... with the kernel first polling a mapped flag the host has set
         let mapped = g.alloc_mapped(r * w * 4 + 4).unwrap();
         std::ptr::copy_nonoverlapping(y.as_ptr(), mapped.host_ptr() as *mut f32, r * w);
@@ -388,71 +411,96 @@ fn fused_kernels_match_their_parts() {
         g.add_rmsnorm(g.ptr(&dx3), mapped.dev_ptr(), true, g.ptr(&dw), g.ptr(&out), r, w, 1e-6, flag).unwrap();
         close("add_rmsnorm from mapped memory", &g.download(&out).unwrap(), &g.download(&want).unwrap(), 0.0);
 
-        // gemv_add_rmsnorm = gemv_bf16 + add_rmsnorm (twice: the grid counter resets)
-        let (t, n, k) = (2, 2048, 512);
-        let (xa, wo, res, nw) = (rnd(t * k, 80), bf(&rnd(n * k, 81)), rnd(t * n, 82), rnd(n, 83));
-        let (dxa, dwo, dnw) = (up(&xa), g.upload(&wo).unwrap(), up(&nw));
-        let (y1, y2) = (g.alloc::<f32>(t * n).unwrap(), g.alloc::<f32>(t * n).unwrap());
-        let (o1, o2) = (g.alloc::<f32>(t * n).unwrap(), g.alloc::<f32>(t * n).unwrap());
-        for round in 0..2 {
-            let (r1, r2) = (up(&res), up(&res));
-            g.gemv_add_rmsnorm(
-                (g.ptr(&dxa), g.ptr(&dwo), g.ptr(&y1)),
-                (t, n, k),
-                g.ptr(&r1),
-                g.ptr(&dnw),
-                g.ptr(&o1),
-                1e-6,
-            )
-            .unwrap();
-            g.gemv_bf16(g.ptr(&dxa), g.ptr(&dwo), g.ptr(&y2), t, n, k).unwrap();
-            g.add_rmsnorm(g.ptr(&r2), g.ptr(&y2), false, g.ptr(&dnw), g.ptr(&o2), t, n, 1e-6, None).unwrap();
-            close(&format!("gemv_add_rmsnorm y ({round})"), &g.download(&y1).unwrap(), &g.download(&y2).unwrap(), 0.0);
-            close(
-                &format!("gemv_add_rmsnorm res ({round})"),
-                &g.download(&r1).unwrap(),
-                &g.download(&r2).unwrap(),
-                0.0,
-            );
-            close(
-                &format!("gemv_add_rmsnorm out ({round})"),
-                &g.download(&o1).unwrap(),
-                &g.download(&o2).unwrap(),
-                0.0,
-            );
+        // gemv_add_rmsnorm = gemv_bf16 + add_rmsnorm (twice: the grid counter
+        // resets), for a batch, one token (the `_t1` kernel) and a width past the
+        // in-register tail
+        for (t, n, k) in [(2, 2048, 512), (1, 2048, 768), (1, 2600, 264)] {
+            let (xa, wo, res, nw) = (rnd(t * k, 80), bf(&rnd(n * k, 81)), rnd(t * n, 82), rnd(n, 83));
+            let (dxa, dwo, dnw) = (up(&xa), g.upload(&wo).unwrap(), up(&nw));
+            let (y1, y2) = (g.alloc::<f32>(t * n).unwrap(), g.alloc::<f32>(t * n).unwrap());
+            let (o1, o2) = (g.alloc::<f32>(t * n).unwrap(), g.alloc::<f32>(t * n).unwrap());
+            for round in 0..2 {
+                let (r1, r2) = (up(&res), up(&res));
+                g.gemv_add_rmsnorm(
+                    (g.ptr(&dxa), g.ptr(&dwo), g.ptr(&y1)),
+                    (t, n, k),
+                    g.ptr(&r1),
+                    g.ptr(&dnw),
+                    g.ptr(&o1),
+                    1e-6,
+                )
+                .unwrap();
+                g.gemv_bf16(g.ptr(&dxa), g.ptr(&dwo), g.ptr(&y2), t, n, k).unwrap();
+                g.add_rmsnorm(g.ptr(&r2), g.ptr(&y2), false, g.ptr(&dnw), g.ptr(&o2), t, n, 1e-6, None).unwrap();
+                close(
+                    &format!("gemv_add_rmsnorm y ({round})"),
+                    &g.download(&y1).unwrap(),
+                    &g.download(&y2).unwrap(),
+                    0.0,
+                );
+                close(
+                    &format!("gemv_add_rmsnorm res ({round})"),
+                    &g.download(&r1).unwrap(),
+                    &g.download(&r2).unwrap(),
+                    0.0,
+                );
+                close(
+                    &format!("gemv_add_rmsnorm out ({round})"),
+                    &g.download(&o1).unwrap(),
+                    &g.download(&o2).unwrap(),
+                    0.0,
+                );
+            }
         }
 
         // router_fused = gemv_bf16 + router_topk; with a handoff it also copies the
-        // hidden states to mapped memory and sets the flags
-        let (t, e, kk, h) = (3, 128, 8, 256);
-        let (xa, wr) = (rnd(t * h, 90), bf(&rnd(e * h, 91)));
-        let (dxa, dwr) = (up(&xa), g.upload(&wr).unwrap());
-        let (l1, l2) = (g.alloc::<f32>(t * e).unwrap(), g.alloc::<f32>(t * e).unwrap());
-        let (i1, i2) = (g.alloc::<i32>(t * kk).unwrap(), g.alloc::<i32>(t * kk).unwrap());
-        let (w1, w2) = (g.alloc::<f32>(t * kk).unwrap(), g.alloc::<f32>(t * kk).unwrap());
-        g.gemv_bf16(g.ptr(&dxa), g.ptr(&dwr), g.ptr(&l2), t, e, h).unwrap();
-        g.router_topk(g.ptr(&l2), t, e, kk, true, g.ptr(&i2), g.ptr(&w2)).unwrap();
-        let region = g.alloc_mapped(t * h * 4 + 12).unwrap();
-        let base = region.host_ptr();
-        std::ptr::write_bytes(base, 0xff, t * h * 4 + 12);
-        let at = |off: usize| region.dev_ptr() + off as u64;
-        let handoff = RouterHandoff {
-            hidden: at(0),
-            done: at(t * h * 4),
-            n_tokens: at(t * h * 4 + 4),
-            doorbell: Some((at(t * h * 4 + 8), 42)),
-        };
-        for handoff in [None, Some(handoff)] {
-            let (dl, di, dw) = (g.ptr(&l1), g.ptr(&i1), g.ptr(&w1));
-            g.router_fused((g.ptr(&dxa), g.ptr(&dwr), dl), (t, e, kk, true), h, (di, dw), handoff).unwrap();
-            close("router_fused logits", &g.download(&l1).unwrap(), &g.download(&l2).unwrap(), 0.0);
-            assert_eq!(g.download(&i1).unwrap(), g.download(&i2).unwrap(), "router_fused ids");
-            close("router_fused weights", &g.download(&w1).unwrap(), &g.download(&w2).unwrap(), 0.0);
+        // hidden states to mapped memory and sets the flags. A batch and one token
+        // (the `_t1` kernel, launched with two warps per block).
+        for t in [3, 1] {
+            let (e, kk, h) = (128, 8, 256);
+            let (xa, wr) = (rnd(t * h, 90), bf(&rnd(e * h, 91)));
+            let (dxa, dwr) = (up(&xa), g.upload(&wr).unwrap());
+            let (l1, l2) = (g.alloc::<f32>(t * e).unwrap(), g.alloc::<f32>(t * e).unwrap());
+            let (i1, i2) = (g.alloc::<i32>(t * kk).unwrap(), g.alloc::<i32>(t * kk).unwrap());
+            let (w1, w2) = (g.alloc::<f32>(t * kk).unwrap(), g.alloc::<f32>(t * kk).unwrap());
+            g.gemv_bf16(g.ptr(&dxa), g.ptr(&dwr), g.ptr(&l2), t, e, h).unwrap();
+            g.router_topk(g.ptr(&l2), t, e, kk, true, g.ptr(&i2), g.ptr(&w2)).unwrap();
+            let region = g.alloc_mapped(t * h * 4 + 12).unwrap();
+            let base = region.host_ptr();
+            std::ptr::write_bytes(base, 0xff, t * h * 4 + 12);
+            let at = |off: usize| region.dev_ptr() + off as u64;
+            let handoff = RouterHandoff {
+                hidden: at(0),
+                done: at(t * h * 4),
+                n_tokens: at(t * h * 4 + 4),
+                doorbell: Some((at(t * h * 4 + 8), 42)),
+            };
+            for handoff in [None, Some(handoff)] {
+                let (dl, di, dw) = (g.ptr(&l1), g.ptr(&i1), g.ptr(&w1));
+                g.router_fused((g.ptr(&dxa), g.ptr(&dwr), dl), (t, e, kk, true), h, (di, dw), handoff).unwrap();
+                close(
+                    &format!("router_fused logits, t {t}"),
+                    &g.download(&l1).unwrap(),
+                    &g.download(&l2).unwrap(),
+                    0.0,
+                );
+                assert_eq!(g.download(&i1).unwrap(), g.download(&i2).unwrap(), "router_fused ids, t {t}");
+                close(
+                    &format!("router_fused weights, t {t}"),
+                    &g.download(&w1).unwrap(),
+                    &g.download(&w2).unwrap(),
+                    0.0,
+                );
+            }
+            g.synchronize().unwrap();
+            let copied = std::slice::from_raw_parts(base as *const f32, t * h);
+            assert_eq!(copied, &xa[..], "router_fused copies the hidden states");
+            let flags = std::slice::from_raw_parts(base.add(t * h * 4) as *const u32, 3);
+            assert_eq!(
+                flags,
+                &[0, t as u32, 42],
+                "router_fused clears done, records the token count, rings the doorbell"
+            );
         }
-        g.synchronize().unwrap();
-        let copied = std::slice::from_raw_parts(base as *const f32, t * h);
-        assert_eq!(copied, &xa[..], "router_fused copies the hidden states");
-        let flags = std::slice::from_raw_parts(base.add(t * h * 4) as *const u32, 3);
-        assert_eq!(flags, &[0, t as u32, 42], "router_fused clears done, records the token count, rings the doorbell");
     }
 }

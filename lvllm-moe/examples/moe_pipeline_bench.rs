@@ -8,7 +8,7 @@
 //! ```text
 //! cargo run --release -p lvllm-moe --example moe_pipeline_bench -- \
 //!     [--threads N] [--format bf16|int4] [--layers 48] [--gap-us 0] [--steps 8] [--m 1]
-//!     [--tasks-per-thread 16,8,4] [--max-blocks 8,32] [--prefetch 2048,0,8192l2] [--topk 8] [--probe-mib 8192]
+//!     [--schedule regions,chunks] [--tasks-per-thread 16,8,4] [--max-blocks 8,32] [--prefetch 2048,0,8192l2] [--topk 8] [--probe-mib 8192]
 //! ```
 //! Weights are `CpuExperts::dummy` (Qwen3-30B-A3B layer shape); routing is
 //! uniform random.
@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lvllm_kernels_cpu::packed::WeightFormat;
-use lvllm_moe::{CpuExperts, TopK};
+use lvllm_moe::{CpuExperts, DecodeSchedule, TopK};
 use lvllm_numa::{bandwidth, Binding, Pool, PoolOptions, Topology};
 
 fn main() -> anyhow::Result<()> {
@@ -27,6 +27,7 @@ fn main() -> anyhow::Result<()> {
     let mut max_blocks: Vec<usize> = vec![8];
     let mut prefetches = vec![lvllm_kernels_cpu::packed::Prefetch::default()];
     let mut topk = 8;
+    let mut schedules = vec![DecodeSchedule::default()];
     let mut probe_mib = 8192usize;
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -39,6 +40,16 @@ fn main() -> anyhow::Result<()> {
             "--steps" => steps = val()?.parse()?,
             "--m" => m = val()?.parse()?,
             "--probe-mib" => probe_mib = val()?.parse()?,
+            "--schedule" => {
+                schedules = val()?
+                    .split(',')
+                    .map(|s| match s {
+                        "chunks" => Ok(DecodeSchedule::Chunks),
+                        "regions" => Ok(DecodeSchedule::Regions),
+                        other => Err(anyhow::anyhow!("unknown schedule {other} (chunks or regions)")),
+                    })
+                    .collect::<anyhow::Result<_>>()?
+            }
             "--topk" => topk = val()?.parse()?,
             "--prefetch" => {
                 prefetches = val()?
@@ -90,16 +101,23 @@ fn main() -> anyhow::Result<()> {
     let x: Vec<f32> = (0..m * hidden).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
     let mut out = vec![0f32; m * hidden];
     let mut configs = Vec::new();
-    for &pf in &prefetches {
-        for &t in &tpts {
-            for &b in &max_blocks {
-                configs.push((pf, t, b));
+    for &sched in &schedules {
+        for &pf in &prefetches {
+            for &t in &tpts {
+                for &b in &max_blocks {
+                    configs.push((sched, pf, t, b));
+                }
             }
         }
     }
-    for &(pf, tpt, mb) in &configs {
+    for &(sched, pf, tpt, mb) in &configs {
         lvllm_kernels_cpu::packed::set_prefetch(pf);
-        experts = experts.into_iter().map(|e| e.with_tasks_per_thread(tpt).with_max_blocks_per_task(mb)).collect();
+        experts = experts
+            .into_iter()
+            .map(|e| {
+                e.with_tasks_per_thread(tpt).with_max_blocks_per_task(mb).with_decode_schedule(sched).with_stats(true)
+            })
+            .collect();
         let (mut busy, mut n, mut bytes) = (Duration::ZERO, 0usize, 0usize);
         let start = Instant::now();
         for step in 0..steps + 1 {
@@ -133,9 +151,22 @@ fn main() -> anyhow::Result<()> {
             }
         }
         let per_layer = busy.as_secs_f64() / n as f64;
+        let st =
+            experts.iter().map(|e| e.stats()).fold(lvllm_moe::DecodeStats::default(), |a, b| lvllm_moe::DecodeStats {
+                calls: a.calls + b.calls,
+                tasks: a.tasks + b.tasks,
+                start_ns: a.start_ns + b.start_ns,
+                gate_up_ns: a.gate_up_ns + b.gate_up_ns,
+                wait_ns: a.wait_ns + b.wait_ns,
+                down_ns: a.down_ns + b.down_ns,
+                tail_ns: a.tail_ns + b.tail_ns,
+                forward_ns: a.forward_ns + b.forward_ns,
+                prologue_ns: a.prologue_ns + b.prologue_ns,
+                epilogue_ns: a.epilogue_ns + b.epilogue_ns,
+            });
         let gbs = bytes as f64 / busy.as_secs_f64() / 1e9;
         println!(
-        "{format} m={m} layers={layers} gap={gap_us}µs threads={} topk={topk} tasks/thread={tpt} max-blocks={mb} prefetch={}{}: {:.1} µs/layer, {:.1} MB/layer, {:.1} GB/s = {:.0}% of the probe's {:.1} GB/s (filled in {:.1} s, wall {:.1} s)",
+        "{format} m={m} layers={layers} gap={gap_us}µs threads={} {sched:?} topk={topk} tasks/thread={tpt} max-blocks={mb} prefetch={}{}: {:.1} µs/layer, {:.1} MB/layer, {:.1} GB/s = {:.0}% of the probe's {:.1} GB/s (filled in {:.1} s, wall {:.1} s)",
         pool.num_threads(),
         pf.distance,
         if pf.l2 { "l2" } else { "" },
@@ -147,6 +178,20 @@ fn main() -> anyhow::Result<()> {
         fill.as_secs_f64(),
         start.elapsed().as_secs_f64()
     );
+        if st.tasks > 0 {
+            let per = |v: u64| v as f64 / st.tasks as f64 / 1e3;
+            println!(
+                "  per thread and layer (regions schedule, all steps): start {:.1} µs, gate_up {:.1}, wait {:.1}, down {:.1}, tail {:.1}; dispatch {:.1} µs, before it {:.1}, after it {:.1}",
+                per(st.start_ns),
+                per(st.gate_up_ns),
+                per(st.wait_ns),
+                per(st.down_ns),
+                per(st.tail_ns),
+                st.forward_ns as f64 / st.calls as f64 / 1e3,
+                st.prologue_ns as f64 / st.calls as f64 / 1e3,
+                st.epilogue_ns as f64 / st.calls as f64 / 1e3
+            );
+        }
     }
     Ok(())
 }

@@ -243,7 +243,9 @@ struct Scratch {
     y: Vec<f32>,
     slot_of: Vec<usize>,
     order: Vec<usize>,
-    /// Int8 activations of `xg` and of `act` (int8 path only).
+    /// Int8 activations of each token, of each slot (`xt` gathered in
+    /// expert order) and of `act` (int8 path only).
+    xt: Int8Rows,
     xq: Int8Rows,
     aq: Int8Rows,
 }
@@ -288,6 +290,21 @@ impl Int8Rows {
             (0..rows).for_each(one);
         } else {
             pool.parallel_for(rows, |_, r| one(r));
+        }
+    }
+
+    /// Makes row `i` a copy of `src`'s row `rows[i]`.
+    fn gather(&mut self, src: &Int8Rows, rows: &[usize]) {
+        let (stride, groups) = (src.stride, src.groups);
+        self.stride = stride;
+        self.groups = groups;
+        self.q.resize(rows.len() * stride, 0);
+        self.scales.resize(rows.len() * groups, 0.0);
+        self.sums.resize(rows.len() * groups, 0);
+        for (i, &r) in rows.iter().enumerate() {
+            self.q[i * stride..(i + 1) * stride].copy_from_slice(&src.q[r * stride..(r + 1) * stride]);
+            self.scales[i * groups..(i + 1) * groups].copy_from_slice(&src.scales[r * groups..(r + 1) * groups]);
+            self.sums[i * groups..(i + 1) * groups].copy_from_slice(&src.sums[r * groups..(r + 1) * groups]);
         }
     }
 
@@ -375,7 +392,60 @@ pub struct CpuExperts {
     /// Tasks per thread the block grouping aims for.
     tasks_per_thread: usize,
     max_blocks_per_task: usize,
+    decode_schedule: DecodeSchedule,
+    stats: Option<Box<StatsCells>>,
     scratch: Mutex<Scratch>,
+}
+
+/// Where the threads' time went in region-scheduled decode forwards (summed
+/// over threads and calls, nanoseconds); see [`CpuExperts::with_stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DecodeStats {
+    /// Forward calls counted.
+    pub calls: u64,
+    /// Thread-tasks counted (calls × threads).
+    pub tasks: u64,
+    /// From the forward's dispatch to a task's start.
+    pub start_ns: u64,
+    /// In gate_up blocks.
+    pub gate_up_ns: u64,
+    /// Waiting for an expert's gate_up to finish before its down blocks.
+    pub wait_ns: u64,
+    /// In down blocks.
+    pub down_ns: u64,
+    /// From a task's end to the last task's end (the tail).
+    pub tail_ns: u64,
+    /// The pool dispatch (dispatch to return), summed over calls.
+    pub forward_ns: u64,
+    /// Before the dispatch (routing sort, gathering and quantizing inputs).
+    pub prologue_ns: u64,
+    /// After the dispatch (weighted sum per token).
+    pub epilogue_ns: u64,
+}
+
+#[derive(Default)]
+struct StatsCells {
+    calls: std::sync::atomic::AtomicU64,
+    tasks: std::sync::atomic::AtomicU64,
+    start_ns: std::sync::atomic::AtomicU64,
+    gate_up_ns: std::sync::atomic::AtomicU64,
+    wait_ns: std::sync::atomic::AtomicU64,
+    down_ns: std::sync::atomic::AtomicU64,
+    tail_ns: std::sync::atomic::AtomicU64,
+    forward_ns: std::sync::atomic::AtomicU64,
+    prologue_ns: std::sync::atomic::AtomicU64,
+    epilogue_ns: std::sync::atomic::AtomicU64,
+}
+
+/// How decode-sized batches (up to 64 tokens) are spread over the pool's threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum DecodeSchedule {
+    /// Equal contiguous chunks claimed in order from one counter per node.
+    Chunks,
+    /// Each thread streams its own contiguous region of the active experts'
+    /// blocks one block at a time, then takes blocks from the other regions.
+    #[default]
+    Regions,
 }
 
 impl std::fmt::Debug for CpuExperts {
@@ -515,6 +585,8 @@ impl CpuExperts {
             },
             tasks_per_thread: TASKS_PER_THREAD,
             max_blocks_per_task: MAX_BLOCKS_PER_TASK,
+            decode_schedule: DecodeSchedule::default(),
+            stats: None,
             scratch: Mutex::new(Scratch::default()),
         })
     }
@@ -574,6 +646,8 @@ impl CpuExperts {
             },
             tasks_per_thread: TASKS_PER_THREAD,
             max_blocks_per_task: MAX_BLOCKS_PER_TASK,
+            decode_schedule: DecodeSchedule::default(),
+            stats: None,
             scratch: Mutex::new(Scratch::default()),
         })
     }
@@ -599,6 +673,38 @@ impl CpuExperts {
     pub fn with_tasks_per_thread(mut self, n: usize) -> Self {
         self.tasks_per_thread = n.max(1);
         self
+    }
+
+    /// Sets how decode-sized batches are spread over the threads (a tuning knob
+    /// for benchmarks; results do not depend on it).
+    pub fn with_decode_schedule(mut self, schedule: DecodeSchedule) -> Self {
+        self.decode_schedule = schedule;
+        self
+    }
+
+    /// Records where the threads' time goes in decode-sized forwards with
+    /// [`DecodeSchedule::Regions`] (a few clock reads per thread and call); read
+    /// with [`CpuExperts::stats`]. For benchmarks.
+    pub fn with_stats(mut self, on: bool) -> Self {
+        self.stats = on.then(Box::default);
+        self
+    }
+
+    /// The counters [`CpuExperts::with_stats`] turned on (zero when off).
+    pub fn stats(&self) -> DecodeStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.stats.as_ref().map_or_else(DecodeStats::default, |c| DecodeStats {
+            calls: c.calls.load(Relaxed),
+            tasks: c.tasks.load(Relaxed),
+            start_ns: c.start_ns.load(Relaxed),
+            gate_up_ns: c.gate_up_ns.load(Relaxed),
+            wait_ns: c.wait_ns.load(Relaxed),
+            down_ns: c.down_ns.load(Relaxed),
+            tail_ns: c.tail_ns.load(Relaxed),
+            forward_ns: c.forward_ns.load(Relaxed),
+            prologue_ns: c.prologue_ns.load(Relaxed),
+            epilogue_ns: c.epilogue_ns.load(Relaxed),
+        })
     }
 
     /// Caps the blocks one task handles (default 8, at least 1). A tuning knob
@@ -633,6 +739,16 @@ impl CpuExperts {
 
     /// `out[m, hidden] = Σ_j topk.weights[t, j] · expert_{topk.ids[t, j]}(hidden[t])`.
     pub fn forward(&self, hidden: &[f32], topk: &TopK, out: &mut [f32]) -> Result<()> {
+        self.forward_signal(hidden, topk, out, &|| {})
+    }
+
+    /// [`CpuExperts::forward`] that calls `done()` once `out` is complete: for
+    /// decode-sized batches from the worker thread that writes its last part,
+    /// before the pool's threads have all checked in and this call returns
+    /// (the hybrid handoff releases the GPU there). On `Ok`, `done` was called
+    /// exactly once; on `Err` (bad input, detected before any work) never.
+    pub fn forward_signal(&self, hidden: &[f32], topk: &TopK, out: &mut [f32], done: &(dyn Fn() + Sync)) -> Result<()> {
+        let t_enter = std::time::Instant::now();
         let (h, m, k) = (self.hidden, topk.tokens(), topk.k);
         if hidden.len() != m * h || out.len() != m * h || topk.weights.len() != topk.ids.len() {
             return Err(Error::Input(format!(
@@ -646,6 +762,7 @@ impl CpuExperts {
             return Err(Error::Input(format!("expert id {bad} out of range (layer has {})", self.n_experts)));
         }
         if m == 0 {
+            done();
             return Ok(());
         }
         let mut guard = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
@@ -677,15 +794,18 @@ impl CpuExperts {
         // Gather inputs in expert order.
         let i_pad = self.gu_blocks * HALF;
         let h_pad = self.dn_blocks * BLOCK_ROWS;
-        s.xg.resize(n_slots * h, 0.0);
         s.act.resize(n_slots * i_pad, 0.0);
         s.y.resize(n_slots * h_pad, 0.0);
-        for (pos, &t) in s.order.iter().enumerate() {
-            s.xg[pos * h..(pos + 1) * h].copy_from_slice(&hidden[t * h..(t + 1) * h]);
-        }
-
         if let Some(group) = self.int8_group {
-            s.xq.quantize(&self.pool, &s.xg, h, n_slots, h, group);
+            // Each token is quantized once (a token has k slots), then its row
+            // is copied to its slots.
+            s.xt.quantize(&self.pool, hidden, h, m, h, group);
+            s.xq.gather(&s.xt, &s.order);
+        } else {
+            s.xg.resize(n_slots * h, 0.0);
+            for (pos, &t) in s.order.iter().enumerate() {
+                s.xg[pos * h..(pos + 1) * h].copy_from_slice(&hidden[t * h..(t + 1) * h]);
+            }
         }
         let inter = self.intermediate;
         let aq = self.int8_group.map(|group| s.aq.prepare(n_slots, inter, group));
@@ -702,13 +822,13 @@ impl CpuExperts {
             let mut tmp = [0f32; TOKEN_TILE * BLOCK_ROWS];
             for t0 in (0..count).step_by(TOKEN_TILE) {
                 let n = (count - t0).min(TOKEN_TILE);
-                let x = &xg[(start + t0) * h..(start + t0 + n) * h];
                 for i in blocks.clone() {
                     let block = self.gu_block(shard, e, i);
                     let out = &mut tmp[..n * BLOCK_ROWS];
                     if self.int8_group.is_some() {
                         int8act::gemm_block_i8(self.gu_format, block, h, &xq.rows(start + t0), n, out, BLOCK_ROWS);
                     } else {
+                        let x = &xg[(start + t0) * h..(start + t0 + n) * h];
                         packed::gemm_block(self.gu_format, block, h, x, h, n, out, BLOCK_ROWS);
                     }
                     let col = (shard.gu.start + i) * HALF;
@@ -767,7 +887,52 @@ impl CpuExperts {
         };
         if m <= FUSED_MAX_TOKENS && !self.pool.is_worker_thread() {
             // Decode-sized batches: one dispatch, down tasks start per expert.
-            self.run_fused(&active, gate_up, finish_expert, down);
+            if let Some(c) = &self.stats {
+                let ns = t_enter.elapsed().as_nanos() as u64;
+                c.prologue_ns.fetch_add(ns, std::sync::atomic::Ordering::Relaxed);
+            }
+            match self.decode_schedule {
+                DecodeSchedule::Chunks => self.run_fused(&active, gate_up, finish_expert, down),
+                DecodeSchedule::Regions if !active.is_empty() => {
+                    // The weighted sum per token runs per 32-column block, by the
+                    // thread that finishes the block's last expert; the thread
+                    // that finishes the last column block calls `done`.
+                    use std::sync::atomic::{AtomicUsize, Ordering};
+                    let col_left: Vec<AtomicUsize> =
+                        (0..self.dn_blocks).map(|_| AtomicUsize::new(active.len())).collect();
+                    let cols_left = AtomicUsize::new(self.dn_blocks);
+                    let outp = SharedOut(out.as_mut_ptr());
+                    let slot_of = &s.slot_of;
+                    let after_down = |gb: usize| {
+                        if col_left[gb].fetch_sub(1, Ordering::AcqRel) != 1 {
+                            return;
+                        }
+                        let (c0, c1) = (gb * BLOCK_ROWS, ((gb + 1) * BLOCK_ROWS).min(h));
+                        for t in 0..m {
+                            for c in c0..c1 {
+                                let mut acc = 0f32;
+                                for j in 0..k {
+                                    let pos = slot_of[t * k + j];
+                                    // SAFETY: every expert's down block `gb` (all the
+                                    // slots' columns c0..c1) was written before its
+                                    // `col_left` decrement, which happens-before this
+                                    // read (AcqRel); nothing writes them any more.
+                                    acc += topk.weights[t * k + j] * unsafe { *y.ptr().add(pos * h_pad + c) };
+                                }
+                                // SAFETY: column block gb of row t is written by this
+                                // call alone; `out` outlives the dispatch.
+                                unsafe { outp.write(t * h + c, acc) };
+                            }
+                        }
+                        if cols_left.fetch_sub(1, Ordering::AcqRel) == 1 {
+                            done();
+                        }
+                    };
+                    self.run_regions(&active, gate_up, finish_expert, down, after_down);
+                    return Ok(());
+                }
+                DecodeSchedule::Regions => self.run_fused(&active, gate_up, finish_expert, down),
+            }
         } else {
             self.run_phase(&active, |shard| shard.gu.len(), gate_up);
             match aq {
@@ -780,6 +945,7 @@ impl CpuExperts {
             self.run_phase(&active, |shard| shard.dn.len(), down);
         }
 
+        let t_combine = std::time::Instant::now();
         // Phase 3: weighted sum per token.
         let yv = &s.y;
         let slot_of = &s.slot_of;
@@ -808,6 +974,10 @@ impl CpuExperts {
                 }
             });
         }
+        if let Some(c) = &self.stats {
+            c.epilogue_ns.fetch_add(t_combine.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        done();
         Ok(())
     }
 
@@ -917,6 +1087,162 @@ impl CpuExperts {
                 });
             }
         });
+    }
+}
+
+impl CpuExperts {
+    /// Both phases in one dispatch, one task per thread: each node's gate_up
+    /// blocks (active experts end to end) are cut into one contiguous region per
+    /// thread, and so are its down blocks. A task drains its own region one
+    /// block at a time, then takes blocks from the other regions of its node
+    /// (from their fronts, round robin), then does the same for the down
+    /// regions; a down block waits until its expert's gate_up blocks (over all
+    /// nodes) are done. A thread thus streams long runs of consecutive memory,
+    /// and a slow thread's leftovers go to the others. `after_down(b)` runs
+    /// after every expert's down block `b` (global index) is written, once per
+    /// expert. No deadlock: a task turns
+    /// to down blocks only once every gate_up block of its node has been
+    /// claimed, and claimed gate_up blocks never wait.
+    fn run_regions(
+        &self,
+        active: &[(usize, usize, usize)],
+        gate_up: impl Fn(&NodeShard, (usize, usize, usize), std::ops::Range<usize>) + Sync,
+        finish: impl Fn((usize, usize, usize)) + Sync,
+        down: impl Fn(&NodeShard, (usize, usize, usize), std::ops::Range<usize>) + Sync,
+        after_down: impl Fn(usize) + Sync,
+    ) {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let n_active = active.len();
+        let regions = |node_blocks: fn(&NodeShard) -> usize| -> Vec<Regions> {
+            self.shards
+                .iter()
+                .enumerate()
+                .map(|(n, shard)| Regions::new(node_blocks(shard), n_active, self.pool.threads_on_node(n).max(1)))
+                .collect()
+        };
+        let gu = regions(|s| s.gu.len());
+        let dn = regions(|s| s.dn.len());
+        // gate_up blocks per expert, over all nodes.
+        let total_gu: usize = self.shards.iter().map(|s| s.gu.len()).sum();
+        let left: Vec<AtomicUsize> = active.iter().map(|_| AtomicUsize::new(total_gu)).collect();
+        let ready: Vec<AtomicBool> = active.iter().map(|_| AtomicBool::new(total_gu == 0)).collect();
+        if total_gu == 0 {
+            active.iter().for_each(|&a| finish(a));
+        }
+        /// Counts `n` gate_up blocks of expert `a` done, also when it unwinds,
+        /// so down blocks never wait forever (the pool re-raises the panic).
+        struct Done<'a, F: Fn((usize, usize, usize))> {
+            a: usize,
+            n: usize,
+            expert: (usize, usize, usize),
+            left: &'a [AtomicUsize],
+            ready: &'a [AtomicBool],
+            finish: &'a F,
+        }
+        impl<F: Fn((usize, usize, usize))> Drop for Done<'_, F> {
+            fn drop(&mut self) {
+                if self.left[self.a].fetch_sub(self.n, Ordering::AcqRel) == self.n {
+                    if !std::thread::panicking() {
+                        (self.finish)(self.expert);
+                    }
+                    self.ready[self.a].store(true, Ordering::Release);
+                }
+            }
+        }
+        let tasks: Vec<usize> = gu.iter().map(|r| r.regions()).collect();
+        let t0 = std::time::Instant::now();
+        let ends: Mutex<Vec<u64>> = Mutex::new(Vec::new());
+        let ns = |t: std::time::Instant| t.duration_since(t0).as_nanos() as u64;
+        self.pool.parallel_for_nodes(&tasks, |ctx, r| {
+            let shard = &self.shards[ctx.node];
+            let start = std::time::Instant::now();
+            gu[ctx.node].drain(r, |a, blocks| {
+                let _done = Done { a, n: blocks.len(), expert: active[a], left: &left, ready: &ready, finish: &finish };
+                gate_up(shard, active[a], blocks);
+            });
+            let gu_end = std::time::Instant::now();
+            let mut wait = std::time::Duration::ZERO;
+            dn[ctx.node].drain(r, |a, blocks| {
+                if !ready[a].load(Ordering::Acquire) {
+                    let w = std::time::Instant::now();
+                    while !ready[a].load(Ordering::Acquire) {
+                        std::hint::spin_loop();
+                    }
+                    wait += w.elapsed();
+                }
+                down(shard, active[a], blocks.clone());
+                for i in blocks {
+                    after_down(shard.dn.start + i);
+                }
+            });
+            if let Some(c) = &self.stats {
+                use std::sync::atomic::Ordering::Relaxed;
+                let end = std::time::Instant::now();
+                c.tasks.fetch_add(1, Relaxed);
+                c.start_ns.fetch_add(ns(start), Relaxed);
+                c.gate_up_ns.fetch_add((gu_end - start).as_nanos() as u64, Relaxed);
+                c.wait_ns.fetch_add(wait.as_nanos() as u64, Relaxed);
+                c.down_ns.fetch_add(((end - gu_end).saturating_sub(wait)).as_nanos() as u64, Relaxed);
+                ends.lock().unwrap_or_else(|e| e.into_inner()).push(ns(end));
+            }
+        });
+        if let Some(c) = &self.stats {
+            use std::sync::atomic::Ordering::Relaxed;
+            let ends = ends.into_inner().unwrap_or_else(|e| e.into_inner());
+            let last = ends.iter().copied().max().unwrap_or(0);
+            c.tail_ns.fetch_add(ends.iter().map(|&e| last - e).sum(), Relaxed);
+            c.calls.fetch_add(1, Relaxed);
+            c.forward_ns.fetch_add(ns(std::time::Instant::now()), Relaxed);
+        }
+    }
+}
+
+/// A cursor on its own cache lines (threads bump different cursors).
+#[repr(align(128))]
+struct Cursor(std::sync::atomic::AtomicUsize);
+
+/// One node's blocks of one phase (`per_expert × active` blocks end to end, in
+/// expert order) cut into one contiguous region per thread, each with a cursor
+/// that blocks are claimed from one at a time.
+struct Regions {
+    per_expert: usize,
+    total: usize,
+    cursors: Vec<Cursor>,
+}
+
+impl Regions {
+    fn new(per_expert: usize, n_active: usize, threads: usize) -> Self {
+        let total = per_expert * n_active;
+        let n = threads.min(total).max(1);
+        let cursors = (0..n).map(|r| Cursor(std::sync::atomic::AtomicUsize::new(r * total / n))).collect();
+        Regions { per_expert, total, cursors }
+    }
+
+    fn regions(&self) -> usize {
+        self.cursors.len()
+    }
+
+    /// Claims the blocks of region `r`, then of the other regions in turn, one
+    /// block at a time, calling `f(active index, block range)` for each.
+    fn drain(&self, r: usize, mut f: impl FnMut(usize, std::ops::Range<usize>)) {
+        use std::sync::atomic::Ordering;
+        if self.total == 0 {
+            return;
+        }
+        let n = self.cursors.len();
+        for i in 0..n {
+            let rr = (r + i) % n;
+            let end = (rr + 1) * self.total / n;
+            loop {
+                let b = self.cursors[rr].0.fetch_add(1, Ordering::Relaxed);
+                if b >= end {
+                    break;
+                }
+                let a = b / self.per_expert;
+                let i = b - a * self.per_expert;
+                f(a, i..i + 1);
+            }
+        }
     }
 }
 
@@ -1196,6 +1522,49 @@ mod tests {
                     let nested = nested.into_inner().unwrap();
                     assert!(fused.iter().all(|v| v.is_finite()));
                     assert_eq!(fused, nested, "{nodes}x{cores} {weight:?} int8 {int8} m {m}");
+                }
+            }
+        }
+    }
+
+    /// Both decode schedules give the bits of the two-phase path; the signal
+    /// fires once, when `out` is already complete.
+    #[test]
+    fn decode_schedules_agree_and_signal_once_out_is_complete() {
+        let (h, i, n, k) = (96, 64, 8, 3);
+        let ex = experts(n, h, i);
+        for (nodes, cores) in [(1, 3), (2, 2)] {
+            for (weight, int8) in [(MoeWeight::Keep, false), (MoeWeight::Int4, true)] {
+                let opts = ExpertsOptions { weight, int8_activations: int8, ..Default::default() };
+                let pool = pool(nodes, cores);
+                let layer = CpuExperts::new(pool.clone(), ex.clone(), h, i, &opts, |_| {}).unwrap();
+                for m in [1, 5, 40] {
+                    let hidden: Vec<f32> = (0..m * h).map(|v| ((v * 37 % 101) as f32 / 50.0) - 1.0).collect();
+                    let topk = routing(m, n, k);
+                    let mut two_phase = vec![f32::NAN; m * h];
+                    let nested = std::sync::Mutex::new(&mut two_phase);
+                    pool.parallel_for(1, |_, _| layer.forward(&hidden, &topk, &mut nested.lock().unwrap()).unwrap());
+                    for schedule in [DecodeSchedule::Chunks, DecodeSchedule::Regions] {
+                        let layer = CpuExperts::new(pool.clone(), ex.clone(), h, i, &opts, |_| {})
+                            .unwrap()
+                            .with_decode_schedule(schedule);
+                        let mut out = vec![f32::NAN; m * h];
+                        let ptr = SharedOut(out.as_mut_ptr());
+                        let seen = std::sync::Mutex::new(Vec::new());
+                        let calls = std::sync::atomic::AtomicUsize::new(0);
+                        let done = || {
+                            calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            // SAFETY: `done` runs once every write to `out` has
+                            // happened (the contract under test); nothing writes after.
+                            let snap = unsafe { std::slice::from_raw_parts(ptr.ptr(), m * h) }.to_vec();
+                            *seen.lock().unwrap() = snap;
+                        };
+                        layer.forward_signal(&hidden, &topk, &mut out, &done).unwrap();
+                        let what = format!("{nodes}x{cores} {weight:?} {schedule:?} m {m}");
+                        assert_eq!(calls.into_inner(), 1, "{what}");
+                        assert_eq!(out, two_phase, "{what}");
+                        assert_eq!(seen.into_inner().unwrap(), out, "{what}: out incomplete when signalled");
+                    }
                 }
             }
         }

@@ -41,7 +41,7 @@
 //! waiting, and the error is returned. A polling kernel gives up (traps) after
 //! a minute without an answer.
 
-use std::sync::atomic::{fence, AtomicU32, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use lvllm_kernels_cuda::{Gpu, MappedHost, RouterHandoff};
@@ -207,19 +207,23 @@ impl Handoff {
     ) -> Result<ServeTiming> {
         self.serve_with(
             tag,
-            &mut |h| match experts {
-                Some(ex) => h.compute(ex),
+            &mut |h, release| match experts {
+                Some(ex) => h.compute(ex, release),
                 None => Ok(()),
             },
             gpu_busy,
         )
     }
 
-    /// [`Handoff::serve`] with the host's work given as `work(self)`.
+    /// [`Handoff::serve`] with the host's work given as `work(self, release)`;
+    /// the work may call `release()` as soon as `out` is complete to let the GPU
+    /// go on while it finishes (at most once is needed; later calls do nothing).
+    /// `done` is written in every case: on an error (with `out` zeroed) and
+    /// when the work unwinds, so the GPU never waits forever.
     fn serve_with(
         &self,
         tag: u32,
-        work: &mut dyn FnMut(&Self) -> Result<()>,
+        work: &mut dyn FnMut(&Self, &ReleaseFn<'_>) -> Result<()>,
         gpu_busy: &mut dyn FnMut() -> Result<bool>,
     ) -> Result<ServeTiming> {
         let t0 = Instant::now();
@@ -244,14 +248,34 @@ impl Handoff {
         }
         bell.store(0, Ordering::Relaxed);
         let t1 = Instant::now();
-        let result = work(self);
-        if result.is_err() {
+        /// Writes `done = tag` once: when released, else when dropped (also
+        /// while unwinding).
+        struct Release<'a> {
+            done: &'a AtomicU32,
+            tag: u32,
+            released: AtomicBool,
+        }
+        impl Release<'_> {
+            fn release(&self) {
+                if !self.released.swap(true, Ordering::AcqRel) {
+                    fence(Ordering::Release);
+                    self.done.store(self.tag, Ordering::Release);
+                }
+            }
+        }
+        impl Drop for Release<'_> {
+            fn drop(&mut self) {
+                self.release();
+            }
+        }
+        let release = Release { done: self.flag(DONE), tag, released: AtomicBool::new(false) };
+        let result = work(self, &|| release.release());
+        if result.is_err() && !release.released.load(Ordering::Acquire) {
             let n = self.tokens().min(self.max_tokens);
             // SAFETY: the GPU reads `out` only after `done`; see `compute`.
             unsafe { std::ptr::write_bytes(self.mem.host_ptr().add(self.out_off) as *mut f32, 0, n * self.hidden) };
         }
-        fence(Ordering::Release);
-        self.flag(DONE).store(tag, Ordering::Release);
+        release.release();
         result.map(|()| ServeTiming { wait: t1 - t0, compute: t1.elapsed() })
     }
 
@@ -260,7 +284,7 @@ impl Handoff {
         unsafe { std::ptr::read_volatile(self.mem.host_ptr().add(N_TOKENS) as *const u32) as usize }
     }
 
-    fn compute(&self, experts: &CpuExperts) -> Result<()> {
+    fn compute(&self, experts: &CpuExperts, release: &ReleaseFn<'_>) -> Result<()> {
         let n = self.tokens();
         if n > self.max_tokens {
             return Err(Error::Gpu(format!("handoff of {n} tokens exceeds the region's {}", self.max_tokens)));
@@ -280,9 +304,12 @@ impl Handoff {
             )
         };
         let topk = TopK { k, ids: ids.to_vec(), weights: weights.to_vec() };
-        experts.forward(hidden, &topk, out)
+        experts.forward_signal(hidden, &topk, out, release)
     }
 }
+
+/// Lets the GPU go on: writes the handoff's `done` flag (once).
+type ReleaseFn<'a> = dyn Fn() + Sync + 'a;
 
 /// The handoff measured alone.
 #[derive(Debug, Clone, Copy)]
@@ -335,7 +362,7 @@ pub fn measure_handoff(
     let serve = |tag: u32, busy: &mut dyn FnMut() -> Result<bool>| -> Result<()> {
         hf.serve_with(
             tag,
-            &mut |_| {
+            &mut |_, _| {
                 let t = Instant::now();
                 while t.elapsed() < delay {
                     std::hint::spin_loop();

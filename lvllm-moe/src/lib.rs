@@ -19,7 +19,7 @@ pub mod cpu;
 pub mod hybrid;
 pub mod router;
 
-pub use cpu::{CpuExperts, ExpertMatrix, ExpertWeights, ExpertsOptions, MoeWeight};
+pub use cpu::{CpuExperts, DecodeSchedule, DecodeStats, ExpertMatrix, ExpertWeights, ExpertsOptions, MoeWeight};
 pub use router::{softmax_topk, TopK};
 
 /// Errors of `lvllm-moe`.
