@@ -222,7 +222,18 @@ pub fn gemm_block_i8(
     if available() {
         // SAFETY: AVX-512 F/BW/VNNI are present (checked); `check` proved every
         // range the kernel reads and writes is in bounds.
-        unsafe { vnni::gemm(block.as_ptr(), format.data_bytes(k), k, group, x, m, out.as_mut_ptr(), out_stride) };
+        unsafe {
+            vnni::gemm(
+                block.as_ptr(),
+                (format.data_bytes(k), format.block_bytes(k)),
+                k,
+                group,
+                x,
+                m,
+                out.as_mut_ptr(),
+                out_stride,
+            )
+        };
         return;
     }
     gemm_block_i8_ref(format, block, k, x, m, out, out_stride)
@@ -243,7 +254,7 @@ mod vnni {
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub(super) unsafe fn gemm(
         block: *const u8,
-        data_bytes: usize,
+        (data_bytes, block_bytes): (usize, usize),
         k: usize,
         group: usize,
         x: &QuantActs<'_>,
@@ -257,12 +268,12 @@ mod vnni {
             // SAFETY: forwarded contract; tokens t0..t0+n are within m.
             unsafe {
                 match n {
-                    1 => tile::<1>(block, data_bytes, k, group, x, t0, out, out_stride),
-                    2 => tile::<2>(block, data_bytes, k, group, x, t0, out, out_stride),
-                    3 => tile::<3>(block, data_bytes, k, group, x, t0, out, out_stride),
-                    4 => tile::<4>(block, data_bytes, k, group, x, t0, out, out_stride),
-                    5 => tile::<5>(block, data_bytes, k, group, x, t0, out, out_stride),
-                    _ => tile::<6>(block, data_bytes, k, group, x, t0, out, out_stride),
+                    1 => tile::<1>(block, (data_bytes, block_bytes), k, group, x, t0, out, out_stride),
+                    2 => tile::<2>(block, (data_bytes, block_bytes), k, group, x, t0, out, out_stride),
+                    3 => tile::<3>(block, (data_bytes, block_bytes), k, group, x, t0, out, out_stride),
+                    4 => tile::<4>(block, (data_bytes, block_bytes), k, group, x, t0, out, out_stride),
+                    5 => tile::<5>(block, (data_bytes, block_bytes), k, group, x, t0, out, out_stride),
+                    _ => tile::<6>(block, (data_bytes, block_bytes), k, group, x, t0, out, out_stride),
                 }
             }
             t0 += n;
@@ -274,7 +285,7 @@ mod vnni {
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     unsafe fn tile<const T: usize>(
         block: *const u8,
-        data_bytes: usize,
+        (data_bytes, block_bytes): (usize, usize),
         k: usize,
         group: usize,
         x: &QuantActs<'_>,
@@ -306,7 +317,14 @@ mod vnni {
                 let mut ai = [[_mm512_setzero_si512(); 2]; T];
                 for quad in g * qpg..((g + 1) * qpg).min(quads) {
                     if pf.distance > 0 {
-                        let p = block.wrapping_add(quad * 64 + pf.distance).cast();
+                        // Past the data, skip this block's scales (prefetched
+                        // above) and run on into the next block's data: a thread
+                        // usually streams consecutive blocks, and otherwise the
+                        // first `distance` bytes of each block would be demand
+                        // misses with nothing else in flight.
+                        let off = quad * 64 + pf.distance;
+                        let off = if off < data_bytes { off } else { off + (block_bytes - data_bytes) };
+                        let p = block.wrapping_add(off).cast();
                         if pf.l2 {
                             _mm_prefetch::<_MM_HINT_T1>(p)
                         } else {

@@ -35,7 +35,10 @@ pub const BLOCK_ROWS: usize = 32;
 /// On the 16-core Xeon of the GPU machine, a 48-layer int4 decode (15 threads)
 /// averaged 272 / 265 / 268 µs per layer at 2048 / 4096 / 8192 bytes, and 15
 /// threads streaming short runs of blocks read 105 / 113 / 104 GB/s
-/// (`moe_pipeline_bench`, `kernel_stream`).
+/// (`moe_pipeline_bench`, `kernel_stream`). Past the end of a block's data the
+/// prefetch skips the block's scales and runs on into the next block: that
+/// took the int4 decode to 226 µs per layer (the first `distance` bytes of
+/// every block had been demand misses).
 pub const PREFETCH_BYTES: usize = 4096;
 
 /// Software prefetch of the block kernels ([`gemm_block`] and
@@ -566,9 +569,14 @@ unsafe fn tile<V: F32x16, L: Layout, const T: usize>(format: WeightFormat, a: &A
         // Prefetch one line per 64 bytes consumed.
         let pf_every = 256 / L::COL_BYTES_X4;
         let pf = prefetch();
+        let (data_bytes, block_bytes) = (format.data_bytes(a.k), format.block_bytes(a.k));
         let prefetch = |kk: usize| {
             if pf.distance > 0 && kk.is_multiple_of(pf_every) {
-                let p = data.wrapping_add(kk * L::COL_BYTES_X4 / 4 + pf.distance);
+                // Past the data, skip the scales and run on into the next
+                // block's data (a thread usually streams consecutive blocks).
+                let off = kk * L::COL_BYTES_X4 / 4 + pf.distance;
+                let off = if off < data_bytes { off } else { off + (block_bytes - data_bytes) };
+                let p = data.wrapping_add(off);
                 if pf.l2 {
                     V::prefetch_l2(p)
                 } else {

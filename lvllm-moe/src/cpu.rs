@@ -800,7 +800,9 @@ impl CpuExperts {
             // Each token is quantized once (a token has k slots), then its row
             // is copied to its slots.
             s.xt.quantize(&self.pool, hidden, h, m, h, group);
-            s.xq.gather(&s.xt, &s.order);
+            if active.iter().any(|&(_, _, count)| count > 1) {
+                s.xq.gather(&s.xt, &s.order);
+            }
         } else {
             s.xg.resize(n_slots * h, 0.0);
             for (pos, &t) in s.order.iter().enumerate() {
@@ -816,7 +818,7 @@ impl CpuExperts {
             // readiness flag), and no task writes them any more.
             unsafe { std::slice::from_raw_parts(act.ptr().add(first * i_pad), (n - 1) * i_pad + inter) }
         };
-        let (xg, xq) = (&s.xg, &s.xq);
+        let (xg, xq, xt, order) = (&s.xg, &s.xq, &s.xt, &s.order);
         // gate_up of one task → SiLU·mul activations.
         let gate_up = |shard: &NodeShard, (e, start, count): (usize, usize, usize), blocks: std::ops::Range<usize>| {
             let mut tmp = [0f32; TOKEN_TILE * BLOCK_ROWS];
@@ -826,7 +828,10 @@ impl CpuExperts {
                     let block = self.gu_block(shard, e, i);
                     let out = &mut tmp[..n * BLOCK_ROWS];
                     if self.int8_group.is_some() {
-                        int8act::gemm_block_i8(self.gu_format, block, h, &xq.rows(start + t0), n, out, BLOCK_ROWS);
+                        // An expert with one slot reads its token's row directly
+                        // (`xq` holds the gathered rows only when some expert has more).
+                        let x = if count == 1 { xt.rows(order[start]) } else { xq.rows(start + t0) };
+                        int8act::gemm_block_i8(self.gu_format, block, h, &x, n, out, BLOCK_ROWS);
                     } else {
                         let x = &xg[(start + t0) * h..(start + t0 + n) * h];
                         packed::gemm_block(self.gu_format, block, h, x, h, n, out, BLOCK_ROWS);
