@@ -34,7 +34,8 @@ pub fn q_stride(k: usize) -> usize {
 
 /// Quantizes one activation row `x` (`k` values) per `group` columns into `q`
 /// (`q_stride(k)` values, zero padded), `scales` and `sums` (`⌈k/group⌉` each),
-/// with AVX-512 when present (the same bits as [`quantize_row_ref`]).
+/// with AVX-512 when present (the same bits as [`quantize_row_ref`], NaN and
+/// infinities included).
 pub fn quantize_row(x: &[f32], group: usize, q: &mut [i8], scales: &mut [f32], sums: &mut [i32]) {
     let k = x.len();
     assert!(q.len() >= q_stride(k) && scales.len() >= k.div_ceil(group) && sums.len() >= k.div_ceil(group));
@@ -96,7 +97,9 @@ mod quant_avx512 {
                     _mm512_castps_si512(_mm512_loadu_ps(x.as_ptr().add(i))),
                     abs_mask,
                 ));
-                vmax = _mm512_max_ps(vmax, v);
+                // `max(v, vmax)` returns `vmax` when `v` is NaN: NaN is ignored,
+                // as `f32::max` does in the scalar twin.
+                vmax = _mm512_max_ps(v, vmax);
             }
             let amax = x[full..].iter().fold(_mm512_reduce_max_ps(vmax), |a, v| a.max(v.abs()));
             let xs = amax / 127.0;
@@ -109,8 +112,12 @@ mod quant_avx512 {
             let mut vsum = _mm512_setzero_si512();
             for i in (0..full).step_by(16) {
                 let v = _mm512_div_ps(_mm512_loadu_ps(x.as_ptr().add(i)), vxs);
-                // Round to nearest even (the default MXCSR mode), then clamp.
-                let r = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(v), lo), hi);
+                // Round to nearest even (the default MXCSR mode), then clamp; a
+                // NaN quotient (NaN input, or inf / inf) gives 0 like the scalar
+                // `NaN as i8`.
+                let ordered = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(v, v);
+                let r = _mm512_maskz_mov_epi32(ordered, _mm512_cvtps_epi32(v));
+                let r = _mm512_min_epi32(_mm512_max_epi32(r, lo), hi);
                 vsum = _mm512_add_epi32(vsum, r);
                 _mm_storeu_si128(q.as_mut_ptr().add(i).cast(), _mm512_cvtepi32_epi8(r));
             }
@@ -380,8 +387,15 @@ mod tests {
             let mut s = seed | 1;
             let x: Vec<f32> = (0..k).map(|i| {
                 s ^= s << 13; s ^= s >> 7; s ^= s << 17;
-                // Some exact halves of the step, and an all-zero first group.
-                if zeros && i < group { 0.0 } else { ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 8.0 }
+                // An all-zero first group, and now and then NaN or ±inf.
+                if zeros && i < group { 0.0 } else {
+                    match s % 97 {
+                        0 => f32::NAN,
+                        1 => f32::INFINITY,
+                        2 => f32::NEG_INFINITY,
+                        _ => ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 8.0,
+                    }
+                }
             }).collect();
             let groups = k.div_ceil(group);
             let (mut q1, mut q2) = (vec![5i8; q_stride(k)], vec![5i8; q_stride(k)]);

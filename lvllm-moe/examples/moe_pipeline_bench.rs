@@ -162,7 +162,6 @@ fn main() -> anyhow::Result<()> {
                 tail_ns: a.tail_ns + b.tail_ns,
                 forward_ns: a.forward_ns + b.forward_ns,
                 prologue_ns: a.prologue_ns + b.prologue_ns,
-                epilogue_ns: a.epilogue_ns + b.epilogue_ns,
             });
         let gbs = bytes as f64 / busy.as_secs_f64() / 1e9;
         println!(
@@ -181,15 +180,14 @@ fn main() -> anyhow::Result<()> {
         if st.tasks > 0 {
             let per = |v: u64| v as f64 / st.tasks as f64 / 1e3;
             println!(
-                "  per thread and layer (regions schedule, all steps): start {:.1} µs, gate_up {:.1}, wait {:.1}, down {:.1}, tail {:.1}; dispatch {:.1} µs, before it {:.1}, after it {:.1}",
+                "  per thread and layer (regions schedule, all steps): start {:.1} µs, gate_up {:.1}, wait {:.1}, down {:.1}, tail {:.1}; dispatch {:.1} µs, before it {:.1}",
                 per(st.start_ns),
                 per(st.gate_up_ns),
                 per(st.wait_ns),
                 per(st.down_ns),
                 per(st.tail_ns),
                 st.forward_ns as f64 / st.calls as f64 / 1e3,
-                st.prologue_ns as f64 / st.calls as f64 / 1e3,
-                st.epilogue_ns as f64 / st.calls as f64 / 1e3
+                st.prologue_ns as f64 / st.calls as f64 / 1e3
             );
         }
     }

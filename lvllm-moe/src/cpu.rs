@@ -397,13 +397,15 @@ pub struct CpuExperts {
     scratch: Mutex<Scratch>,
 }
 
-/// Where the threads' time went in region-scheduled decode forwards (summed
-/// over threads and calls, nanoseconds); see [`CpuExperts::with_stats`].
+/// Where the threads' time went in decode forwards run with
+/// [`DecodeSchedule::Regions`] (summed over tasks and calls, nanoseconds; other
+/// forwards are not counted); see [`CpuExperts::with_stats`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DecodeStats {
     /// Forward calls counted.
     pub calls: u64,
-    /// Thread-tasks counted (calls × threads).
+    /// Region tasks counted (per call, one per thread unless a node has fewer
+    /// blocks than threads).
     pub tasks: u64,
     /// From the forward's dispatch to a task's start.
     pub start_ns: u64,
@@ -419,8 +421,6 @@ pub struct DecodeStats {
     pub forward_ns: u64,
     /// Before the dispatch (routing sort, gathering and quantizing inputs).
     pub prologue_ns: u64,
-    /// After the dispatch (weighted sum per token).
-    pub epilogue_ns: u64,
 }
 
 #[derive(Default)]
@@ -434,7 +434,6 @@ struct StatsCells {
     tail_ns: std::sync::atomic::AtomicU64,
     forward_ns: std::sync::atomic::AtomicU64,
     prologue_ns: std::sync::atomic::AtomicU64,
-    epilogue_ns: std::sync::atomic::AtomicU64,
 }
 
 /// How decode-sized batches (up to 64 tokens) are spread over the pool's threads.
@@ -703,7 +702,6 @@ impl CpuExperts {
             tail_ns: c.tail_ns.load(Relaxed),
             forward_ns: c.forward_ns.load(Relaxed),
             prologue_ns: c.prologue_ns.load(Relaxed),
-            epilogue_ns: c.epilogue_ns.load(Relaxed),
         })
     }
 
@@ -892,13 +890,13 @@ impl CpuExperts {
         };
         if m <= FUSED_MAX_TOKENS && !self.pool.is_worker_thread() {
             // Decode-sized batches: one dispatch, down tasks start per expert.
-            if let Some(c) = &self.stats {
-                let ns = t_enter.elapsed().as_nanos() as u64;
-                c.prologue_ns.fetch_add(ns, std::sync::atomic::Ordering::Relaxed);
-            }
             match self.decode_schedule {
                 DecodeSchedule::Chunks => self.run_fused(&active, gate_up, finish_expert, down),
                 DecodeSchedule::Regions if !active.is_empty() => {
+                    if let Some(c) = &self.stats {
+                        let ns = t_enter.elapsed().as_nanos() as u64;
+                        c.prologue_ns.fetch_add(ns, std::sync::atomic::Ordering::Relaxed);
+                    }
                     // The weighted sum per token runs per 32-column block, by the
                     // thread that finishes the block's last expert; the thread
                     // that finishes the last column block calls `done`.
@@ -950,7 +948,6 @@ impl CpuExperts {
             self.run_phase(&active, |shard| shard.dn.len(), down);
         }
 
-        let t_combine = std::time::Instant::now();
         // Phase 3: weighted sum per token.
         let yv = &s.y;
         let slot_of = &s.slot_of;
@@ -978,9 +975,6 @@ impl CpuExperts {
                     unsafe { outp.write(t * h + c, v) };
                 }
             });
-        }
-        if let Some(c) = &self.stats {
-            c.epilogue_ns.fetch_add(t_combine.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
         }
         done();
         Ok(())
@@ -1038,7 +1032,6 @@ impl CpuExperts {
         finish: impl Fn((usize, usize, usize)) + Sync,
         down: impl Fn(&NodeShard, (usize, usize, usize), std::ops::Range<usize>) + Sync,
     ) {
-        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
         let gu = self.chunking(active.len(), |s| s.gu.len());
         let dn = self.chunking(active.len(), |s| s.dn.len());
         // gate_up pieces per expert, over all nodes.
@@ -1048,47 +1041,23 @@ impl CpuExperts {
                 c.pieces(t, |a, _| pieces[a] += 1);
             }
         }
-        let left: Vec<AtomicUsize> = pieces.iter().map(|&n| AtomicUsize::new(n)).collect();
-        let ready: Vec<AtomicBool> = pieces.iter().map(|&n| AtomicBool::new(n == 0)).collect();
-        for (a, &n) in pieces.iter().enumerate() {
-            if n == 0 {
-                finish(active[a]);
-            }
-        }
-        /// Counts one gate_up piece of expert `a` done, also when it unwinds, so
-        /// down tasks never wait forever (the pool re-raises the panic).
-        struct Done<'a, F: Fn((usize, usize, usize))> {
-            a: usize,
-            expert: (usize, usize, usize),
-            left: &'a [AtomicUsize],
-            ready: &'a [AtomicBool],
-            finish: &'a F,
-        }
-        impl<F: Fn((usize, usize, usize))> Drop for Done<'_, F> {
-            fn drop(&mut self) {
-                if self.left[self.a].fetch_sub(1, Ordering::AcqRel) == 1 {
-                    if !std::thread::panicking() {
-                        (self.finish)(self.expert);
-                    }
-                    self.ready[self.a].store(true, Ordering::Release);
-                }
-            }
-        }
+        let rd = Readiness::new(active, &pieces, &finish);
         let tasks: Vec<usize> = gu.iter().zip(&dn).map(|(g, d)| g.tasks + d.tasks).collect();
         self.pool.parallel_for_nodes(&tasks, |ctx, task| {
             let shard = &self.shards[ctx.node];
             let (g, d) = (&gu[ctx.node], &dn[ctx.node]);
             if task < g.tasks {
                 g.pieces(task, |a, blocks| {
-                    let _done = Done { a, expert: active[a], left: &left, ready: &ready, finish: &finish };
-                    gate_up(shard, active[a], blocks);
+                    let _done = rd.count_on_drop(a, 1);
+                    if !rd.failed() {
+                        gate_up(shard, active[a], blocks);
+                    }
                 });
             } else {
                 d.pieces(task - g.tasks, |a, blocks| {
-                    while !ready[a].load(Ordering::Acquire) {
-                        std::hint::spin_loop();
+                    if rd.wait(a) {
+                        down(shard, active[a], blocks);
                     }
-                    down(shard, active[a], blocks);
                 });
             }
         });
@@ -1116,7 +1085,6 @@ impl CpuExperts {
         down: impl Fn(&NodeShard, (usize, usize, usize), std::ops::Range<usize>) + Sync,
         after_down: impl Fn(usize) + Sync,
     ) {
-        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
         let n_active = active.len();
         let regions = |node_blocks: fn(&NodeShard) -> usize| -> Vec<Regions> {
             self.shards
@@ -1129,32 +1097,8 @@ impl CpuExperts {
         let dn = regions(|s| s.dn.len());
         // gate_up blocks per expert, over all nodes.
         let total_gu: usize = self.shards.iter().map(|s| s.gu.len()).sum();
-        let left: Vec<AtomicUsize> = active.iter().map(|_| AtomicUsize::new(total_gu)).collect();
-        let ready: Vec<AtomicBool> = active.iter().map(|_| AtomicBool::new(total_gu == 0)).collect();
-        if total_gu == 0 {
-            active.iter().for_each(|&a| finish(a));
-        }
-        /// Counts `n` gate_up blocks of expert `a` done, also when it unwinds,
-        /// so down blocks never wait forever (the pool re-raises the panic).
-        struct Done<'a, F: Fn((usize, usize, usize))> {
-            a: usize,
-            n: usize,
-            expert: (usize, usize, usize),
-            left: &'a [AtomicUsize],
-            ready: &'a [AtomicBool],
-            finish: &'a F,
-        }
-        impl<F: Fn((usize, usize, usize))> Drop for Done<'_, F> {
-            fn drop(&mut self) {
-                if self.left[self.a].fetch_sub(self.n, Ordering::AcqRel) == self.n {
-                    if !std::thread::panicking() {
-                        (self.finish)(self.expert);
-                    }
-                    self.ready[self.a].store(true, Ordering::Release);
-                }
-            }
-        }
-        let tasks: Vec<usize> = gu.iter().map(|r| r.regions()).collect();
+        let rd = Readiness::new(active, &vec![total_gu; n_active], &finish);
+        let tasks: Vec<usize> = gu.iter().zip(&dn).map(|(g, d)| g.regions().max(d.regions())).collect();
         let t0 = std::time::Instant::now();
         let ends: Mutex<Vec<u64>> = Mutex::new(Vec::new());
         let ns = |t: std::time::Instant| t.duration_since(t0).as_nanos() as u64;
@@ -1162,19 +1106,19 @@ impl CpuExperts {
             let shard = &self.shards[ctx.node];
             let start = std::time::Instant::now();
             gu[ctx.node].drain(r, |a, blocks| {
-                let _done = Done { a, n: blocks.len(), expert: active[a], left: &left, ready: &ready, finish: &finish };
-                gate_up(shard, active[a], blocks);
+                let _done = rd.count_on_drop(a, blocks.len());
+                if !rd.failed() {
+                    gate_up(shard, active[a], blocks);
+                }
             });
             let gu_end = std::time::Instant::now();
             let mut wait = std::time::Duration::ZERO;
             dn[ctx.node].drain(r, |a, blocks| {
-                if !ready[a].load(Ordering::Acquire) {
-                    let w = std::time::Instant::now();
-                    while !ready[a].load(Ordering::Acquire) {
-                        std::hint::spin_loop();
-                    }
-                    wait += w.elapsed();
+                let w = std::time::Instant::now();
+                if !rd.wait(a) {
+                    return;
                 }
+                wait += w.elapsed();
                 down(shard, active[a], blocks.clone());
                 for i in blocks {
                     after_down(shard.dn.start + i);
@@ -1198,6 +1142,105 @@ impl CpuExperts {
             c.tail_ns.fetch_add(ends.iter().map(|&e| last - e).sum(), Relaxed);
             c.calls.fetch_add(1, Relaxed);
             c.forward_ns.fetch_add(ns(std::time::Instant::now()), Relaxed);
+        }
+    }
+}
+
+/// Which active experts' gate_up outputs are complete, in a one-dispatch
+/// decode schedule: a down block of expert `a` runs once every gate_up unit of
+/// `a` (over all nodes) has been counted. The last unit of an expert runs
+/// `finish(expert)` first. A panicking unit (or `finish`) marks the forward
+/// failed and its expert ready anyway, so waiters stop instead of spinning
+/// forever (the pool then re-raises the panic; nodes whose tasks the pool
+/// skipped after it are waited for by nobody).
+struct Readiness<'a, F: Fn((usize, usize, usize))> {
+    active: &'a [(usize, usize, usize)],
+    left: Vec<std::sync::atomic::AtomicUsize>,
+    ready: Vec<std::sync::atomic::AtomicBool>,
+    failed: std::sync::atomic::AtomicBool,
+    finish: &'a F,
+}
+
+impl<'a, F: Fn((usize, usize, usize))> Readiness<'a, F> {
+    /// `units[a]` gate_up units of active expert `a` will be counted; experts
+    /// with none are finished and ready at once.
+    fn new(active: &'a [(usize, usize, usize)], units: &[usize], finish: &'a F) -> Self {
+        use std::sync::atomic::{AtomicBool, AtomicUsize};
+        for (a, &n) in units.iter().enumerate() {
+            if n == 0 {
+                finish(active[a]);
+            }
+        }
+        Readiness {
+            active,
+            left: units.iter().map(|&n| AtomicUsize::new(n)).collect(),
+            ready: units.iter().map(|&n| AtomicBool::new(n == 0)).collect(),
+            failed: std::sync::atomic::AtomicBool::new(false),
+            finish,
+        }
+    }
+
+    /// A guard that counts `n` gate_up units of expert `a` when dropped (also
+    /// while unwinding).
+    fn count_on_drop(&self, a: usize, n: usize) -> UnitsDone<'_, 'a, F> {
+        UnitsDone { rd: self, a, n }
+    }
+
+    fn failed(&self) -> bool {
+        self.failed.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Waits until expert `a` is ready; false when the forward failed (skip
+    /// the work). Yields the core now and then, so a waiter never holds up the
+    /// thread it waits for on an oversubscribed machine for long.
+    fn wait(&self, a: usize) -> bool {
+        use std::sync::atomic::Ordering;
+        let mut spins = 0u32;
+        while !self.ready[a].load(Ordering::Acquire) {
+            if self.failed() {
+                return false;
+            }
+            spins = spins.wrapping_add(1);
+            if spins.is_multiple_of(1024) {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        !self.failed()
+    }
+}
+
+struct UnitsDone<'r, 'a, F: Fn((usize, usize, usize))> {
+    rd: &'r Readiness<'a, F>,
+    a: usize,
+    n: usize,
+}
+
+impl<F: Fn((usize, usize, usize))> Drop for UnitsDone<'_, '_, F> {
+    fn drop(&mut self) {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let rd = self.rd;
+        if std::thread::panicking() {
+            rd.failed.store(true, Ordering::Release);
+        }
+        if rd.left[self.a].fetch_sub(self.n, Ordering::AcqRel) != self.n {
+            return;
+        }
+        /// Marks the expert ready when dropped, and the forward failed if
+        /// that happens while `finish` unwinds.
+        struct MarkReady<'x>(&'x AtomicBool, &'x AtomicBool);
+        impl Drop for MarkReady<'_> {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    self.1.store(true, Ordering::Release);
+                }
+                self.0.store(true, Ordering::Release);
+            }
+        }
+        let _mark = MarkReady(&rd.ready[self.a], &rd.failed);
+        if !std::thread::panicking() && !rd.failed() {
+            (rd.finish)(rd.active[self.a]);
         }
     }
 }
@@ -1553,8 +1596,10 @@ mod tests {
                         let layer = CpuExperts::new(pool.clone(), ex.clone(), h, i, &opts, |_| {})
                             .unwrap()
                             .with_decode_schedule(schedule);
-                        let mut out = vec![f32::NAN; m * h];
-                        let ptr = SharedOut(out.as_mut_ptr());
+                        let mut buf = vec![f32::NAN; m * h];
+                        // `out` is derived from `ptr`, so `done` may read through
+                        // the parent pointer (no write follows it).
+                        let ptr = SharedOut(buf.as_mut_ptr());
                         let seen = std::sync::Mutex::new(Vec::new());
                         let calls = std::sync::atomic::AtomicUsize::new(0);
                         let done = || {
@@ -1564,7 +1609,11 @@ mod tests {
                             let snap = unsafe { std::slice::from_raw_parts(ptr.ptr(), m * h) }.to_vec();
                             *seen.lock().unwrap() = snap;
                         };
-                        layer.forward_signal(&hidden, &topk, &mut out, &done).unwrap();
+                        // SAFETY: `ptr` covers `buf`'s m × h values; `buf` is not
+                        // used directly while `out` lives.
+                        let out = unsafe { std::slice::from_raw_parts_mut(ptr.ptr(), m * h) };
+                        layer.forward_signal(&hidden, &topk, out, &done).unwrap();
+                        let out = buf;
                         let what = format!("{nodes}x{cores} {weight:?} {schedule:?} m {m}");
                         assert_eq!(calls.into_inner(), 1, "{what}");
                         assert_eq!(out, two_phase, "{what}");
@@ -1573,6 +1622,39 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A panicking gate_up unit, or a panicking `finish`, leaves its expert
+    /// ready and the forward failed: down blocks stop waiting instead of
+    /// spinning forever.
+    #[test]
+    fn readiness_survives_panics() {
+        use std::panic::{catch_unwind, AssertUnwindSafe};
+        let active = [(3, 0, 1), (5, 1, 1)];
+        let finished = std::sync::Mutex::new(Vec::new());
+        let finish = |e: (usize, usize, usize)| finished.lock().unwrap().push(e.0);
+        let rd = Readiness::new(&active, &[2, 1], &finish);
+        // Expert 1 completes normally: finished, ready, not failed.
+        drop(rd.count_on_drop(1, 1));
+        assert!(rd.wait(1));
+        // Expert 0: one unit completes, the other panics.
+        drop(rd.count_on_drop(0, 1));
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            let _done = rd.count_on_drop(0, 1);
+            panic!("gate_up failed");
+        }));
+        assert!(r.is_err());
+        assert!(!rd.wait(0), "a waiter must see the failure, not the expert as done");
+        assert!(rd.failed());
+        assert_eq!(*finished.lock().unwrap(), vec![5], "finish must not run for the failed expert");
+
+        // A panicking `finish` marks its expert ready and the forward failed.
+        let bad_finish = |_: (usize, usize, usize)| panic!("finish failed");
+        let rd = Readiness::new(&active, &[1, 1], &bad_finish);
+        let r = catch_unwind(AssertUnwindSafe(|| drop(rd.count_on_drop(0, 1))));
+        assert!(r.is_err());
+        assert!(!rd.wait(0));
+        assert!(!rd.wait(1), "every waiter stops once the forward failed");
     }
 
     #[test]

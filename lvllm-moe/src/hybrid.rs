@@ -249,9 +249,9 @@ impl Handoff {
         bell.store(0, Ordering::Relaxed);
         let t1 = Instant::now();
         /// Writes `done = tag` once: when released, else when dropped (also
-        /// while unwinding).
+        /// while unwinding, after zeroing the result, which may be partial).
         struct Release<'a> {
-            done: &'a AtomicU32,
+            handoff: &'a Handoff,
             tag: u32,
             released: AtomicBool,
         }
@@ -259,21 +259,34 @@ impl Handoff {
             fn release(&self) {
                 if !self.released.swap(true, Ordering::AcqRel) {
                     fence(Ordering::Release);
-                    self.done.store(self.tag, Ordering::Release);
+                    self.handoff.flag(DONE).store(self.tag, Ordering::Release);
+                }
+            }
+            /// Zeroes the result unless the GPU was already released.
+            fn zero_unreleased(&self) {
+                if !self.released.load(Ordering::Acquire) {
+                    let h = self.handoff;
+                    let n = h.tokens().min(h.max_tokens);
+                    // SAFETY: not released yet, so the GPU does not read `out`
+                    // (it waits for `done`), and the work that wrote it has
+                    // returned or unwound (the pool's workers have stopped);
+                    // `out` holds max_tokens × hidden f32.
+                    unsafe { std::ptr::write_bytes(h.mem.host_ptr().add(h.out_off) as *mut f32, 0, n * h.hidden) };
                 }
             }
         }
         impl Drop for Release<'_> {
             fn drop(&mut self) {
+                if std::thread::panicking() {
+                    self.zero_unreleased();
+                }
                 self.release();
             }
         }
-        let release = Release { done: self.flag(DONE), tag, released: AtomicBool::new(false) };
+        let release = Release { handoff: self, tag, released: AtomicBool::new(false) };
         let result = work(self, &|| release.release());
-        if result.is_err() && !release.released.load(Ordering::Acquire) {
-            let n = self.tokens().min(self.max_tokens);
-            // SAFETY: the GPU reads `out` only after `done`; see `compute`.
-            unsafe { std::ptr::write_bytes(self.mem.host_ptr().add(self.out_off) as *mut f32, 0, n * self.hidden) };
+        if result.is_err() {
+            release.zero_unreleased();
         }
         release.release();
         result.map(|()| ServeTiming { wait: t1 - t0, compute: t1.elapsed() })
@@ -293,8 +306,13 @@ impl Handoff {
         let base = self.mem.host_ptr();
         // SAFETY: between the doorbell and `done` the GPU neither reads nor writes
         // these ranges (it wrote the inputs before ringing and reads `out` after
-        // the wait), so for this call the host has exclusive access; each range
-        // lies inside the region, is 64-byte aligned and sized for max_tokens ≥ n.
+        // the wait), so until `done` the host has exclusive access. `done` is
+        // written by `release` from inside `forward_signal` once `out` is
+        // complete; from then on the GPU reads `out` and the next layer's kernel
+        // overwrites the inputs, and neither slice is read or written again
+        // (`topk` below is a copy; `forward_signal` reads `hidden` only before
+        // its dispatch). Each range lies inside the region, is 64-byte aligned
+        // and sized for max_tokens ≥ n.
         let (hidden, ids, weights, out) = unsafe {
             (
                 std::slice::from_raw_parts(base.add(DATA) as *const f32, n * h),
