@@ -11,7 +11,7 @@ use half::bf16;
 /// SSE registers busy and lets the compiler vectorise without reassociation.
 const LANES: usize = 16;
 
-/// Dot product of two equal-length f32 slices with [`LANES`] partial sums.
+/// Dot product of two equal-length f32 slices with `LANES` partial sums.
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());

@@ -2,7 +2,7 @@
 //! kernels are written against.
 //!
 //! The pattern is memchr's: the algorithm is written once, generic over
-//! [`F32x16`]; thin `#[target_feature]` entry points instantiate it per ISA; the
+//! `F32x16`; thin `#[target_feature]` entry points instantiate it per ISA; the
 //! ISA is detected once ([`Isa::detect`], cached) and the kernel entry points
 //! `match` on it. AVX-512 holds 16 lanes in one register, AVX2 in two; the
 //! scalar version is portable (and what aarch64 runs for now).

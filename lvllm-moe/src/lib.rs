@@ -5,7 +5,7 @@
 //! - [`cpu`]: the routed experts computed on the CPU ([`CpuExperts`]): repacked
 //!   into the kernel layout (bf16, f16, fp8, int4), split by rows over NUMA nodes,
 //!   run on the `lvllm_numa` worker pool;
-//! - [`hybrid`] (feature `cuda`): the CPU↔GPU handoff of a hybrid MoE layer,
+//! - `hybrid` (feature `cuda`): the CPU↔GPU handoff of a hybrid MoE layer,
 //!   stream memory operations on flags in mapped pinned memory, capturable in
 //!   CUDA graphs.
 //!

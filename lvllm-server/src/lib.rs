@@ -6,10 +6,6 @@
 //! the same pieces.
 
 pub mod bundled;
-/// `lvllm serve` settings: config.yaml, seed env vars and CLI flags merged into
-/// one typed [`config::ServeConfig`].
 pub mod config;
-/// Tool-call and reasoning parsers turning model text into OpenAI fields.
 pub mod parsers;
-/// The OpenAI-compatible HTTP server (`lvllm serve`).
 pub mod server;
