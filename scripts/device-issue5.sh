@@ -3,6 +3,8 @@
 # (all-GPU, hybrid, resident), the serving check, per-kernel decode times (ncu),
 # the CPU pipeline with its time breakdown, and `lvllm bench` for every figure
 # the issue asks for. Build here first: scripts/build-device-bins.sh
+# PART=quick runs only the batch-1 figures (int4, bf16, layers 0-11 resident)
+# and the CPU pipeline's breakdown, for another sample on another machine.
 set -uo pipefail
 B=.gpu-carry
 T=${THREADS:-15}
@@ -10,6 +12,15 @@ Q=examples/configs/qwen3-30b-a3b
 export LVLLM_FIXTURES=$PWD/tests/fixtures
 log() { tee -a "${OUT:-/tmp}/issue5.log"; }
 bench() { timeout "${LIMIT:-200}" "$B/lvllm" bench --device cuda --model $Q --load-format dummy "$@" 2>&1 | grep -E "^#|^\| [0-9]" | log; }
+if [ "${PART:-all}" = quick ]; then
+  "$B/golden_cuda" 2>&1 | grep -E "result|panicked" | log
+  "$B/moe_pipeline_bench" --threads "$T" --format int4 --layers 48 --steps 8 --probe-mib 1024 --gap-us 40 2>&1 | grep -A1 topk | log
+  for w in "int4" "keep" "keep --gpu-resident-moe-layers 0-11" "int4"; do
+    echo "== batch 1, --moe-weight $w" | log
+    LIMIT=100 bench --threads "$T" --moe-placement hybrid --moe-weight $w --batch-sizes 1 --output-len 16
+  done
+  exit 0
+fi
 echo "== GPU kernels vs references" | log
 "$B/gpu_kernels_test" --nocapture 2>&1 | grep -E "result|panicked|SKIPPED" | log
 echo "== golden fixtures vs HF f32, hybrid vs all-GPU" | log

@@ -59,6 +59,17 @@ impl Default for Prefetch {
     }
 }
 
+/// Parses `4096` (bytes ahead, into L1), `8192l2` (into L2 only) or `0` (off),
+/// the spelling the benchmarks' `--prefetch` lists use.
+impl std::str::FromStr for Prefetch {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (d, l2) = s.strip_suffix("l2").map_or((s, false), |d| (d, true));
+        let distance = d.parse().map_err(|e| format!("prefetch {s:?}: {e} (bytes ahead, optional `l2` suffix)"))?;
+        Ok(Prefetch { distance, l2 })
+    }
+}
+
 /// `distance << 1 | l2`.
 static PREFETCH: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(PREFETCH_BYTES << 1);
 

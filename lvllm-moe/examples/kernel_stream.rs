@@ -20,14 +20,6 @@ use lvllm_kernels_cpu::int8act::{self, QuantActs};
 use lvllm_kernels_cpu::packed::{self, Prefetch, WeightFormat, BLOCK_ROWS};
 use lvllm_numa::{HostBuffer, Placement};
 
-fn parse_prefetch(s: &str) -> anyhow::Result<Prefetch> {
-    let (d, l2) = match s.strip_suffix("l2") {
-        Some(d) => (d, true),
-        None => (s, false),
-    };
-    Ok(Prefetch { distance: d.parse()?, l2 })
-}
-
 /// A random order of `runs` run indices.
 fn shuffled(runs: usize, seed: u64) -> Vec<usize> {
     let mut o: Vec<usize> = (0..runs).collect();
@@ -54,7 +46,9 @@ fn main() -> anyhow::Result<()> {
             "--reps" => reps = val()?.parse()?,
             "--threads" => threads = val()?.parse::<usize>()?.max(1),
             "--blocks-per-run" => run = val()?.parse()?,
-            "--prefetch" => prefetches = val()?.split(',').map(parse_prefetch).collect::<anyhow::Result<_>>()?,
+            "--prefetch" => {
+                prefetches = val()?.split(',').map(str::parse).collect::<Result<_, _>>().map_err(anyhow::Error::msg)?
+            }
             other => anyhow::bail!("unknown flag {other}"),
         }
     }

@@ -52,13 +52,7 @@ fn main() -> anyhow::Result<()> {
             }
             "--topk" => topk = val()?.parse()?,
             "--prefetch" => {
-                prefetches = val()?
-                    .split(',')
-                    .map(|s| -> anyhow::Result<_> {
-                        let (d, l2) = s.strip_suffix("l2").map_or((s, false), |d| (d, true));
-                        Ok(lvllm_kernels_cpu::packed::Prefetch { distance: d.parse()?, l2 })
-                    })
-                    .collect::<anyhow::Result<_>>()?
+                prefetches = val()?.split(',').map(str::parse).collect::<Result<_, _>>().map_err(anyhow::Error::msg)?
             }
             "--max-blocks" => max_blocks = val()?.split(',').map(|v| v.parse()).collect::<Result<_, _>>()?,
             "--tasks-per-thread" => tpts = val()?.split(',').map(|v| v.parse()).collect::<Result<_, _>>()?,
@@ -151,18 +145,7 @@ fn main() -> anyhow::Result<()> {
             }
         }
         let per_layer = busy.as_secs_f64() / n as f64;
-        let st =
-            experts.iter().map(|e| e.stats()).fold(lvllm_moe::DecodeStats::default(), |a, b| lvllm_moe::DecodeStats {
-                calls: a.calls + b.calls,
-                tasks: a.tasks + b.tasks,
-                start_ns: a.start_ns + b.start_ns,
-                gate_up_ns: a.gate_up_ns + b.gate_up_ns,
-                wait_ns: a.wait_ns + b.wait_ns,
-                down_ns: a.down_ns + b.down_ns,
-                tail_ns: a.tail_ns + b.tail_ns,
-                forward_ns: a.forward_ns + b.forward_ns,
-                prologue_ns: a.prologue_ns + b.prologue_ns,
-            });
+        let st: lvllm_moe::DecodeStats = experts.iter().map(|e| e.stats()).sum();
         let gbs = bytes as f64 / busy.as_secs_f64() / 1e9;
         println!(
         "{format} m={m} layers={layers} gap={gap_us}µs threads={} {sched:?} topk={topk} tasks/thread={tpt} max-blocks={mb} prefetch={}{}: {:.1} µs/layer, {:.1} MB/layer, {:.1} GB/s = {:.0}% of the probe's {:.1} GB/s (filled in {:.1} s, wall {:.1} s)",

@@ -423,6 +423,30 @@ pub struct DecodeStats {
     pub prologue_ns: u64,
 }
 
+impl std::ops::Add for DecodeStats {
+    type Output = DecodeStats;
+    fn add(self, o: DecodeStats) -> DecodeStats {
+        DecodeStats {
+            calls: self.calls + o.calls,
+            tasks: self.tasks + o.tasks,
+            start_ns: self.start_ns + o.start_ns,
+            gate_up_ns: self.gate_up_ns + o.gate_up_ns,
+            wait_ns: self.wait_ns + o.wait_ns,
+            down_ns: self.down_ns + o.down_ns,
+            tail_ns: self.tail_ns + o.tail_ns,
+            forward_ns: self.forward_ns + o.forward_ns,
+            prologue_ns: self.prologue_ns + o.prologue_ns,
+        }
+    }
+}
+
+/// Sums the stats of several layers.
+impl std::iter::Sum for DecodeStats {
+    fn sum<I: Iterator<Item = DecodeStats>>(iter: I) -> DecodeStats {
+        iter.fold(DecodeStats::default(), |a, b| a + b)
+    }
+}
+
 #[derive(Default)]
 struct StatsCells {
     calls: std::sync::atomic::AtomicU64,
@@ -746,7 +770,7 @@ impl CpuExperts {
     /// (the hybrid handoff releases the GPU there). On `Ok`, `done` was called
     /// exactly once; on `Err` (bad input, detected before any work) never.
     pub fn forward_signal(&self, hidden: &[f32], topk: &TopK, out: &mut [f32], done: &(dyn Fn() + Sync)) -> Result<()> {
-        let t_enter = std::time::Instant::now();
+        let t_enter = self.stats.is_some().then(std::time::Instant::now);
         let (h, m, k) = (self.hidden, topk.tokens(), topk.k);
         if hidden.len() != m * h || out.len() != m * h || topk.weights.len() != topk.ids.len() {
             return Err(Error::Input(format!(
@@ -893,7 +917,7 @@ impl CpuExperts {
             match self.decode_schedule {
                 DecodeSchedule::Chunks => self.run_fused(&active, gate_up, finish_expert, down),
                 DecodeSchedule::Regions if !active.is_empty() => {
-                    if let Some(c) = &self.stats {
+                    if let (Some(c), Some(t_enter)) = (&self.stats, t_enter) {
                         let ns = t_enter.elapsed().as_nanos() as u64;
                         c.prologue_ns.fetch_add(ns, std::sync::atomic::Ordering::Relaxed);
                     }
@@ -1102,29 +1126,33 @@ impl CpuExperts {
         let t0 = std::time::Instant::now();
         let ends: Mutex<Vec<u64>> = Mutex::new(Vec::new());
         let ns = |t: std::time::Instant| t.duration_since(t0).as_nanos() as u64;
+        // Clock reads only when stats are on: a down block would otherwise pay two.
+        let now = || self.stats.is_some().then(std::time::Instant::now);
         self.pool.parallel_for_nodes(&tasks, |ctx, r| {
             let shard = &self.shards[ctx.node];
-            let start = std::time::Instant::now();
+            let start = now();
             gu[ctx.node].drain(r, |a, blocks| {
                 let _done = rd.count_on_drop(a, blocks.len());
                 if !rd.failed() {
                     gate_up(shard, active[a], blocks);
                 }
             });
-            let gu_end = std::time::Instant::now();
+            let gu_end = now();
             let mut wait = std::time::Duration::ZERO;
             dn[ctx.node].drain(r, |a, blocks| {
-                let w = std::time::Instant::now();
+                let w = now();
                 if !rd.wait(a) {
                     return;
                 }
-                wait += w.elapsed();
+                if let Some(w) = w {
+                    wait += w.elapsed();
+                }
                 down(shard, active[a], blocks.clone());
                 for i in blocks {
                     after_down(shard.dn.start + i);
                 }
             });
-            if let Some(c) = &self.stats {
+            if let (Some(c), Some(start), Some(gu_end)) = (&self.stats, start, gu_end) {
                 use std::sync::atomic::Ordering::Relaxed;
                 let end = std::time::Instant::now();
                 c.tasks.fetch_add(1, Relaxed);
@@ -1543,6 +1571,14 @@ mod tests {
         }
     }
 
+    /// `layer.forward` nested on a pool worker, which takes the two-phase path
+    /// whatever the batch size.
+    fn two_phase(pool: &Pool, layer: &CpuExperts, hidden: &[f32], topk: &TopK) -> Vec<f32> {
+        let out = std::sync::Mutex::new(vec![f32::NAN; hidden.len()]);
+        pool.parallel_for(1, |_, _| layer.forward(hidden, topk, &mut out.lock().unwrap()).unwrap());
+        out.into_inner().unwrap()
+    }
+
     /// One dispatch with per-expert readiness (decode-sized batches) computes
     /// exactly what the two phases with a barrier compute: a forward nested on a
     /// pool worker takes the two-phase path, so compare it with a plain call, on
@@ -1562,12 +1598,7 @@ mod tests {
                     let topk = routing(m, n, k);
                     let mut fused = vec![f32::NAN; m * h];
                     layer.forward(&hidden, &topk, &mut fused).unwrap();
-                    let nested = std::sync::Mutex::new(vec![f32::NAN; m * h]);
-                    pool.parallel_for(1, |_, _| {
-                        let mut out = nested.lock().unwrap();
-                        layer.forward(&hidden, &topk, &mut out).unwrap();
-                    });
-                    let nested = nested.into_inner().unwrap();
+                    let nested = two_phase(&pool, &layer, &hidden, &topk);
                     assert!(fused.iter().all(|v| v.is_finite()));
                     assert_eq!(fused, nested, "{nodes}x{cores} {weight:?} int8 {int8} m {m}");
                 }
@@ -1589,9 +1620,7 @@ mod tests {
                 for m in [1, 5, 40] {
                     let hidden: Vec<f32> = (0..m * h).map(|v| ((v * 37 % 101) as f32 / 50.0) - 1.0).collect();
                     let topk = routing(m, n, k);
-                    let mut two_phase = vec![f32::NAN; m * h];
-                    let nested = std::sync::Mutex::new(&mut two_phase);
-                    pool.parallel_for(1, |_, _| layer.forward(&hidden, &topk, &mut nested.lock().unwrap()).unwrap());
+                    let two_phase = two_phase(&pool, &layer, &hidden, &topk);
                     for schedule in [DecodeSchedule::Chunks, DecodeSchedule::Regions] {
                         let layer = CpuExperts::new(pool.clone(), ex.clone(), h, i, &opts, |_| {})
                             .unwrap()
